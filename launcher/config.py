@@ -1,0 +1,300 @@
+"""The one typed run config: YAML + dotted ``key=value`` overrides -> ``RunConfig``.
+
+Importable without torch (the launcher and the trainer share it). Every problem in a
+config is collected and reported at once, each naming the key as the user typed it,
+the value, and the fix. After :func:`load_config` returns, consumers trust the object.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from launcher.batch import batch_problems
+from launcher.errors import ConfigError  # noqa: F401  (re-exported)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+
+class ModelConfig(_Section):
+    # Local Hugging Face folder (from_pretrained) ...
+    name_or_path: Optional[str] = None
+    # ... or a transformers config dict to build a from-scratch model (e.g. a tiny Llama).
+    config: Optional[dict[str, Any]] = None
+    # Tokenizer folder; defaults to name_or_path.
+    tokenizer: Optional[str] = None
+    gradient_checkpointing: bool = False
+
+
+class DataConfig(_Section):
+    train: str
+    eval: Optional[str] = None
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    format: Literal["text", "prompt_response", "chat"] = "text"
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str = "messages"
+    max_length: int = Field(512, gt=1)
+    mask_prompt: bool = True
+    packing: bool = False
+
+
+class TrainConfig(_Section):
+    micro_batch_size: int = Field(1, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    # When set, the invariant: accumulation is derived from it and the world size.
+    global_batch_size: Optional[int] = Field(None, gt=0)
+    max_steps: Optional[int] = Field(None, gt=0)
+    epochs: Optional[float] = Field(None, gt=0)
+    lr: float = Field(1e-4, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    scheduler: Literal["linear", "cosine", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    optimizer: Literal["adamw"] = "adamw"
+    eval_every: int = Field(0, ge=0)  # 0 = only at the end
+    eval_max_batches: int = Field(0, ge=0)  # 0 = whole eval split
+
+
+class PrecisionConfig(_Section):
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+
+class ZeroConfig(_Section):
+    stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    # ZeRO-3: params below this many elements stay gathered. Tiny test models need 0.
+    param_persistence_threshold: int = Field(100_000, ge=0)
+    overlap_comm: bool = False
+    reduce_bucket_size: int = Field(500_000_000, gt=0)
+    # A user DeepSpeed JSON merged under ours; contradicting an owned key is an error.
+    base_config: Optional[str] = None
+
+
+class DistConfig(_Section):
+    nodes: int = Field(1, gt=0)
+    procs_per_node: int = Field(1, gt=0)  # GPUs per node (or CPU ranks per node)
+    # What the trainer does when the world it wakes up in differs from nodes*procs_per_node.
+    on_world_mismatch: Literal["adapt", "error"] = "adapt"
+
+
+class CheckpointConfig(_Section):
+    every_steps: int = Field(0, ge=0)  # 0 = only at the end
+    keep_last: int = Field(2, gt=0)
+    resume: bool = True
+    export: bool = True
+
+
+class LoggingConfig(_Section):
+    every_steps: int = Field(10, gt=0)
+    tensorboard: bool = True
+    # Peak dense TFLOP/s per device for MFU; None = look the GPU up in a table.
+    peak_tflops: Optional[float] = Field(None, gt=0)
+    progress_bar: bool = True
+
+
+class SlurmConfig(_Section):
+    job_name: str = "finetune"
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    time_min: int = Field(60, gt=0)
+    cpus_per_task: int = Field(8, gt=0)
+    mem_gb: Optional[int] = Field(None, gt=0)
+    # GPUs requested per node; None = dist.procs_per_node, 0 = CPU-only (no --gpus-per-node line).
+    gpus_per_node: Optional[int] = Field(None, ge=0)
+    # Preemption: Slurm sends this signal signal_lead_s before the time limit; the job
+    # checkpoints at the next optimizer step and requeues itself up to max_requeues times.
+    signal: Literal["USR1", "USR2"] = "USR2"
+    signal_lead_s: int = Field(120, gt=0)
+    max_requeues: int = Field(3, ge=0)
+    # Shell lines run before launch: module loads, venv/conda activation, NCCL variables.
+    env_setup: list[str] = []
+
+
+class RunConfig(_Section):
+    run_dir: str
+    seed: int = 42
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    precision: PrecisionConfig = PrecisionConfig()
+    zero: ZeroConfig = ZeroConfig()
+    dist: DistConfig = DistConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+    slurm: SlurmConfig = SlurmConfig()
+
+    @property
+    def world_size(self) -> int:
+        return self.dist.nodes * self.dist.procs_per_node
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def parse_overrides(items: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """``["train.lr=1e-3", ...]`` -> ({"train.lr": 0.001}, problems). Values are YAML."""
+    out: dict[str, Any] = {}
+    problems = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"override {item!r} is not key=value; write it like train.lr=1e-4")
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        out[key.strip()] = value
+    return out, problems
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys in a nested dict (copying). Unknown keys are caught by validation."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for dotted, value in overrides.items():
+        node = data
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+    return data
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _section_model(loc: tuple) -> type[BaseModel]:
+    model: type[BaseModel] = RunConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            break
+        ann = field.annotation
+        for cand in getattr(ann, "__args__", ()) or (ann,):
+            if isinstance(cand, type) and issubclass(cand, BaseModel):
+                model = cand
+                break
+        else:
+            break
+    return model
+
+
+def _describe_pydantic_error(err: dict[str, Any]) -> str:
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc)
+    kind = err["type"]
+    value = err.get("input")
+    if kind == "extra_forbidden":
+        parent = _section_model(loc[:-1])
+        valid = sorted(parent.model_fields)
+        near = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        hint = f"did you mean '{'.'.join([*map(str, loc[:-1]), near[0]])}'? " if near else ""
+        where = ".".join(map(str, loc[:-1])) or "the top level"
+        return f"unknown key '{key}' (value {value!r}); {hint}valid keys under {where}: {', '.join(valid)}"
+    if kind == "missing":
+        return f"missing required key '{key}'; add it to the YAML file or pass {key}=..."
+    if kind == "literal_error":
+        choices = err.get("ctx", {}).get("expected", "")
+        return f"'{key}' = {value!r} is not allowed; choose one of {choices}"
+    return f"'{key}' = {value!r}: {err['msg']}; fix the value in the YAML file or with {key}=..."
+
+
+def cross_field_problems(cfg: RunConfig) -> list[str]:
+    """Rules that involve more than one field. Pure; device-independent."""
+    p: list[str] = []
+    if cfg.model.name_or_path is None and cfg.model.config is None:
+        p.append("model: neither 'model.name_or_path' nor 'model.config' is set; give a local "
+                 "Hugging Face folder or a config dict for a from-scratch model")
+    if cfg.model.name_or_path is None and cfg.model.tokenizer is None:
+        p.append("'model.tokenizer' is not set and there is no 'model.name_or_path' to take it "
+                 "from; point model.tokenizer at a tokenizer folder")
+    if (cfg.train.max_steps is None) == (cfg.train.epochs is None):
+        p.append(f"set exactly one of 'train.max_steps' ({cfg.train.max_steps}) and "
+                 f"'train.epochs' ({cfg.train.epochs})")
+    if cfg.zero.offload_optimizer and cfg.zero.stage == 0:
+        p.append("'zero.offload_optimizer' = true needs zero.stage 1, 2 or 3 (it is 0); "
+                 "set zero.stage=2 or zero.offload_optimizer=false")
+    if cfg.zero.offload_param and cfg.zero.stage != 3:
+        p.append(f"'zero.offload_param' = true needs zero.stage=3 (it is {cfg.zero.stage}); "
+                 "set zero.stage=3 or zero.offload_param=false")
+    if cfg.data.eval is not None and cfg.data.eval_fraction > 0:
+        p.append(f"both 'data.eval' ({cfg.data.eval!r}) and 'data.eval_fraction' "
+                 f"({cfg.data.eval_fraction}) are set; keep one")
+    if cfg.train.warmup_steps and cfg.train.max_steps and cfg.train.warmup_steps > cfg.train.max_steps:
+        p.append(f"'train.warmup_steps' = {cfg.train.warmup_steps} exceeds 'train.max_steps' = "
+                 f"{cfg.train.max_steps}; lower the warmup")
+    p += batch_problems(cfg.train.micro_batch_size, cfg.train.grad_accum,
+                        cfg.train.global_batch_size, cfg.world_size)
+    return p
+
+
+def validate(data: Any, source: str = "config") -> RunConfig:
+    """dict -> RunConfig, or ConfigError listing every problem."""
+    if not isinstance(data, dict):
+        raise ConfigError([f"the top level must be a mapping of sections, got {type(data).__name__}"], source)
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError([_describe_pydantic_error(err) for err in e.errors()], source) from None
+    problems = cross_field_problems(cfg)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def read_yaml(path: Union[str, os.PathLike]) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"config file {str(path)!r} does not exist; check the path"], str(path))
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{path} is not valid YAML: {e}"], str(path)) from None
+    return data
+
+
+def load_config(path: Union[str, os.PathLike], overrides: Optional[list[str]] = None) -> RunConfig:
+    """Read YAML, apply ``key=value`` overrides, validate once; relative paths resolve
+    against the current directory (as the user typed them)."""
+    data = read_yaml(path)
+    parsed, problems = parse_overrides(list(overrides or []))
+    if problems:
+        raise ConfigError(problems, str(path))
+    return validate(apply_overrides(data, parsed), source=str(path))
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}"""
+    flat: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            flat.update(flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

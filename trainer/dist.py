@@ -1,0 +1,134 @@
+"""Distributed set-up: rank/world from whichever launcher started us, gloo on CPU, NCCL on CUDA."""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    node_rank: int
+    device: str  # "cuda:N" or "cpu"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def slurm_port(job_id: str) -> int:
+    """Rendezvous port derived from the Slurm job id (the batch script uses the same rule)."""
+    return 20000 + int(job_id) % 20000
+
+
+def fill_env_from_launcher(env: os._Environ | dict) -> None:
+    """Make RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* exist, whoever started us.
+
+    torchrun and the deepspeed launcher set them. ``srun python trainer/main.py`` (one task per
+    GPU) gives SLURM_* only; a plain ``python trainer/main.py`` gives nothing, where DeepSpeed
+    would fall back to mpi4py and die -- we make it a world of one instead.
+    """
+    if "RANK" in env and "WORLD_SIZE" in env:
+        env.setdefault("LOCAL_RANK", "0")
+        return
+    if "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:  # inside an srun step
+        env["RANK"] = env["SLURM_PROCID"]
+        env["WORLD_SIZE"] = env["SLURM_STEP_NUM_TASKS"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        tasks = env.get("SLURM_STEP_TASKS_PER_NODE", "1").split("(")[0].split(",")[0]
+        env["LOCAL_WORLD_SIZE"] = tasks
+        if "MASTER_ADDR" not in env:
+            nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "localhost")
+            out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True)
+            env["MASTER_ADDR"] = (out.stdout.split() or ["localhost"])[0]
+        env.setdefault("MASTER_PORT", str(slurm_port(env.get("SLURM_JOB_ID", "0"))))
+        return
+    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def init_distributed(local_rank_arg: int | None = None) -> World:
+    """Initialise torch.distributed once (idempotent, so tests can run many configs per launch)."""
+    fill_env_from_launcher(os.environ)
+    if local_rank_arg is not None and local_rank_arg >= 0:
+        os.environ["LOCAL_RANK"] = str(local_rank_arg)
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
+
+    import torch
+    import deepspeed
+
+    local_rank = int(os.environ["LOCAL_RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    fallback = min(world_size, torch.cuda.device_count()) if torch.cuda.is_available() else world_size
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or fallback)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    else:
+        device = "cpu"
+        if "OMP_NUM_THREADS" not in os.environ:  # the deepspeed launcher does not set it
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   auto_mpi_discovery=False, verbose=False)
+    rank = torch.distributed.get_rank()
+    node_rank = int(os.environ.get("NODE_RANK") or os.environ.get("GROUP_RANK")
+                    or os.environ.get("SLURM_NODEID") or rank // local_world)
+    return World(rank, local_rank, torch.distributed.get_world_size(), local_world, node_rank, device)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@contextlib.contextmanager
+def local_main_first(world: World):
+    """Local rank 0 of each node goes first (e.g. tokenising into the cache); the rest reuse it."""
+    import torch.distributed as dist
+
+    if world.local_rank != 0:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if world.local_rank == 0:
+            dist.barrier()
+
+
+def all_reduce_sum(value: float, device: str) -> float:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def any_rank(flag: bool, device: str) -> bool:
+    return all_reduce_sum(1.0 if flag else 0.0, device) > 0
+
+
+def world_info(world: World) -> dict:
+    """This rank's view, for world.json (what the job really woke up in)."""
+    return {"rank": world.rank, "local_rank": world.local_rank, "node_rank": world.node_rank,
+            "world_size": world.world_size, "host": socket.gethostname(),
+            "slurm_nodename": os.environ.get("SLURMD_NODENAME"), "device": world.device}

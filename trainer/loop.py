@@ -1,0 +1,128 @@
+"""The training loop and evaluation. Read top to bottom: one optimizer step per iteration."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from launcher.batch import BatchPlan
+from launcher.config import RunConfig
+from trainer import data as D
+from trainer.dist import World, all_reduce_sum
+from trainer.monitor import Monitor, memory_gb
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built by main()."""
+    cfg: RunConfig
+    world: World
+    plan: BatchPlan
+    engine: Any
+    train_ds: Any
+    eval_ds: Any  # or None
+    pad_id: int
+    total_steps: int
+    monitor: Monitor
+    flops_per_token: float
+    peak_tflops: Optional[float]
+    save: Callable[[int], None]  # checkpoint at a step
+    should_stop: Callable[[], bool]
+
+
+def lm_loss_sum(engine, batch: dict, device: str):
+    """Summed next-token cross-entropy over target tokens (normalised by the caller)."""
+    import torch.nn.functional as F
+
+    out = engine(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+    logits = out.logits[:, :-1].float()
+    labels = batch["labels"][:, 1:].to(device)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                           ignore_index=D.IGNORE, reduction="sum")
+
+
+def evaluate(run: Run) -> dict[str, float]:
+    """Eval loss (per target token, over the whole eval split) and perplexity."""
+    import torch
+
+    engine, w = run.engine, run.world
+    batches = D.eval_batches(len(run.eval_ds), w.world_size, w.rank, run.plan.micro_batch_size)
+    if run.cfg.train.eval_max_batches:
+        batches = batches[: run.cfg.train.eval_max_batches]
+    engine.eval()
+    loss_sum = tokens = 0.0
+    with torch.no_grad():
+        for idx in batches:
+            batch = D.fetch(run.eval_ds, idx, run.pad_id)
+            loss_sum += lm_loss_sum(engine, batch, w.device).item()
+            tokens += D.target_tokens(batch)
+    engine.train()
+    loss = all_reduce_sum(loss_sum, w.device) / max(1.0, all_reduce_sum(tokens, w.device))
+    return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
+
+
+def train(run: Run, start_step: int) -> str:
+    """Optimizer steps start_step..total_steps-1. Returns "done" or "preempted"."""
+    from tqdm import tqdm
+
+    cfg, w, engine, plan = run.cfg, run.world, run.engine, run.plan
+    n = len(run.train_ds)
+    bar = tqdm(total=run.total_steps, initial=start_step, desc="train", dynamic_ncols=True,
+               disable=not (w.is_main and cfg.logging.progress_bar))
+    engine.train()
+    for step in range(start_step, run.total_steps):
+        t0 = time.perf_counter()
+        lr = engine.get_lr()[0]
+        windows = D.window_indices(n, w.world_size, w.rank, cfg.seed, plan.micro_batch_size, plan.grad_accum, step)
+        batches = [D.fetch(run.train_ds, idx, run.pad_id) for idx in windows]
+        # Normalise by the target tokens of the whole window on all ranks, so that accumulation
+        # N x micro b equals one batch of N*b. DeepSpeed divides by accum and averages over ranks.
+        n_target = all_reduce_sum(sum(D.target_tokens(b) for b in batches), w.device)
+        n_input = all_reduce_sum(sum(int(b["attention_mask"].sum()) for b in batches), w.device)
+        scale = plan.grad_accum * w.world_size / n_target
+        loss_sum = 0.0
+        for batch in batches:
+            loss = lm_loss_sum(engine, batch, w.device)
+            engine.backward(loss * scale)
+            engine.step()
+            loss_sum += loss.item()
+        loss = all_reduce_sum(loss_sum, w.device) / n_target
+        dt = time.perf_counter() - t0
+        done = step + 1
+
+        grad_norm = engine.get_global_grad_norm()
+        seq_len = max(b["input_ids"].shape[1] for b in batches)
+        tokens_all = plan.global_batch_size * seq_len  # computed tokens, padding included
+        metrics = {"train/loss": loss, "train/lr": lr,
+                   "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
+                   "train/tokens_per_s": n_input / dt, "train/samples_per_s": plan.global_batch_size / dt,
+                   "train/step_time_s": dt, "train/epoch": step / max(1, D.steps_per_epoch(
+                       n, w.world_size, plan.micro_batch_size, plan.grad_accum))}
+        if run.peak_tflops:
+            metrics["train/mfu"] = run.flops_per_token * tokens_all / dt / (run.peak_tflops * 1e12 * w.world_size)
+        mem_tag, mem = memory_gb(w.device)
+        metrics[mem_tag] = mem
+        if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < run.total_steps and run.eval_ds is not None:
+            metrics.update(evaluate(run))
+        run.monitor.log(done, metrics)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if w.is_main and (done % cfg.logging.every_steps == 0 or done == run.total_steps or "eval/loss" in metrics):
+            extra = f" eval_loss {metrics['eval/loss']:.4f}" if "eval/loss" in metrics else ""
+            bar.write(f"step {done}/{run.total_steps} loss {loss:.4f} lr {lr:.3g} grad_norm "
+                      f"{metrics['train/grad_norm'] or 0:.3f} tok/s {metrics['train/tokens_per_s']:.0f}{extra}")
+
+        saved = cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0 and done < run.total_steps
+        if saved:
+            run.save(done)
+        if done < run.total_steps and run.should_stop():
+            if not saved:
+                run.save(done)
+            bar.close()
+            if w.is_main:
+                print(f"stop requested: checkpointed at step {done}; rerun with the same run_dir to resume", flush=True)
+            return "preempted"
+    bar.close()
+    return "done"

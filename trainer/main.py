@@ -1,0 +1,229 @@
+"""What runs on every rank.
+
+    deepspeed --num_gpus 2 trainer/main.py --config RUN.yaml [key=value ...]
+    torchrun --nproc_per_node 2 trainer/main.py --config RUN.yaml
+    python trainer/main.py --config RUN.yaml          (a world of one)
+    srun python trainer/main.py --config RUN.yaml     (one task per GPU)
+
+main() = load config -> init distributed -> data, model, optimizer -> deepspeed.initialize
+-> resume -> train() -> final checkpoint and export.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `trainer` and `launcher` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from launcher.batch import fit_world, plan_batch  # noqa: E402
+from launcher.config import ConfigError, RunConfig, flatten, load_config, read_yaml, to_dict, to_yaml  # noqa: E402
+
+DONE_FILE = "DONE"
+EXIT_USER_ERROR = 2
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Fine-tune a Hugging Face model under DeepSpeed.")
+    p.add_argument("--config", required=True, help="run config YAML")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4")
+    return p.parse_args(argv)
+
+
+def check_device(cfg: RunConfig, is_cuda: bool) -> None:
+    if cfg.precision.dtype == "fp16" and not is_cuda:
+        raise ConfigError(["'precision.dtype' = 'fp16' is not supported on a CPU (DeepSpeed: 'Type fp16 is "
+                           "not supported on your device'); use precision.dtype=fp32, or bf16 (slow on CPUs "
+                           "without AMX/AVX512-BF16)"])
+
+
+def check_run_dir(cfg: RunConfig, run_dir: Path) -> None:
+    """A run dir belongs to one run: resuming with a different config would mix two runs."""
+    saved = run_dir / "config.yaml"
+    if not saved.exists():
+        return
+    old, new = flatten(read_yaml(saved)), flatten(to_dict(cfg))
+    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if diff:
+        raise ConfigError([f"run_dir {str(run_dir)!r} holds a different run's config (differs in: "
+                           f"{', '.join(diff)}); choose a new run_dir, or run with "
+                           f"the config saved there ({saved}) to resume it"])
+
+
+def prepare_data(cfg: RunConfig, tok, world):
+    """Train and eval splits, tokenised once per node (local rank 0 first, the rest hit the cache)."""
+    from trainer import data as D
+    from trainer.dist import local_main_first
+
+    d = cfg.data
+    fields = {"text": d.text_field, "prompt": d.prompt_field, "response": d.response_field,
+              "messages": d.messages_field}
+    needed = D.required_columns(d.format, d.text_field, d.prompt_field, d.response_field, d.messages_field)
+    train_raw = D.load_rows(d.train)
+    D.check_columns(train_raw, d.train, needed, d.format)
+    eval_raw = None
+    if d.eval is not None:
+        eval_raw = D.load_rows(d.eval)
+        D.check_columns(eval_raw, d.eval, needed, d.format)
+    elif d.eval_fraction > 0:
+        split = train_raw.train_test_split(test_size=d.eval_fraction, seed=cfg.seed)
+        train_raw, eval_raw = split["train"], split["test"]
+    encode = D.make_encoder(tok, d.format, fields, d.mask_prompt, d.max_length)
+    with local_main_first(world):
+        train = D.tokenize(train_raw, encode, d.packing, d.max_length, "train")
+        evals = D.tokenize(eval_raw, encode, d.packing, d.max_length, "eval") if eval_raw is not None else None
+    if world.is_main:
+        for name, s in (("train", train), ("eval", evals)):
+            if s is not None:
+                print(f"data/{name}: {s.rows_in} rows, {s.truncated} longer than max_length={d.max_length} "
+                      f"truncated, {s.dropped_no_target} dropped (no target tokens left), "
+                      f"{len(s.dataset)} {'packed blocks' if d.packing else 'examples'}", flush=True)
+    return train.dataset, (evals.dataset if evals is not None else None)
+
+
+def total_steps_for(cfg: RunConfig, n_train: int, plan) -> int:
+    from trainer.data import DataError, steps_per_epoch
+
+    spe = steps_per_epoch(n_train, plan.world_size, plan.micro_batch_size, plan.grad_accum)
+    if spe == 0:
+        raise DataError(f"the train split has {n_train} examples but one optimizer step needs "
+                        f"{plan.global_batch_size} (micro x accum x world); add data or lower train.micro_batch_size")
+    return cfg.train.max_steps or max(1, int(cfg.train.epochs * spe))
+
+
+def run(cfg: RunConfig, world) -> dict:
+    """One training run on an initialised world. Re-entrant: tests run several per launch."""
+    import deepspeed
+    import torch
+    from transformers import set_seed
+
+    from launcher.ds_config import build_ds_config
+    from trainer import checkpoint
+    from trainer.dist import world_info
+    from trainer.loop import Run, evaluate, train
+    from trainer.model import build_model, count_params, load_tokenizer
+    from trainer.monitor import Monitor, flops_per_token, peak_tflops, plot_loss_curve
+    from trainer.optim import build_optimizer, build_scheduler
+    from trainer.stop import STOP_FILE, Stopper
+
+    run_dir = Path(cfg.run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    check_device(cfg, world.is_cuda)
+    if (run_dir / DONE_FILE).exists():
+        if world.is_main:
+            print(f"run already finished ({run_dir / DONE_FILE}); nothing to do. Use a new run_dir to train again.")
+        return {"status": "already_done"}
+    check_run_dir(cfg, run_dir)
+    t = cfg.train
+    plan, note = fit_world(plan_batch(t.micro_batch_size, t.grad_accum, t.global_batch_size, cfg.world_size),
+                           world.world_size, cfg.dist.on_world_mismatch)
+    ds_config = build_ds_config(cfg, plan)
+
+    set_seed(cfg.seed)
+    tok = load_tokenizer(cfg.model)
+    train_ds, eval_ds = prepare_data(cfg, tok, world)
+    total_steps = total_steps_for(cfg, len(train_ds), plan)
+    set_seed(cfg.seed)  # same initial weights whatever the data preparation consumed
+    model, _zero3_handle = build_model(cfg.model, ds_config, cfg.precision.dtype)
+    n_params, n_trainable = count_params(model)
+    optimizer = build_optimizer(model, t, offload=cfg.zero.offload_optimizer)
+    scheduler = build_scheduler(optimizer, t, total_steps)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+
+    # Everything is checked; now the run dir is written.
+    infos = [None] * world.world_size
+    torch.distributed.all_gather_object(infos, world_info(world))
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not (run_dir / "config.yaml").exists():
+            (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+        (run_dir / "world.json").write_text(json.dumps(infos, indent=2) + "\n")
+        (run_dir / STOP_FILE).unlink(missing_ok=True)
+        print(f"resolved config ({run_dir / 'config.yaml'}):\n{to_yaml(cfg)}", flush=True)
+        if note:
+            print(f"NOTE: {note}", flush=True)
+        print(f"world {world.world_size} ranks on {len({i['node_rank'] for i in infos})} node(s); global batch "
+              f"{plan.global_batch_size} = micro {plan.micro_batch_size} x accum {plan.grad_accum} x world "
+              f"{plan.world_size}; {total_steps} steps; params {n_params:,} ({n_trainable:,} trainable)", flush=True)
+    torch.distributed.barrier()
+
+    state = checkpoint.resume(engine, ckpt_dir, world.rank) if cfg.checkpoint.resume else None
+    start_step = int(state["step"]) if state else 0
+    if state and world.is_main:
+        print(f"resumed from {ckpt_dir / state['tag']} at step {start_step}", flush=True)
+
+    mcfg = engine.module.config
+    monitor = Monitor(run_dir, world.is_main, cfg.logging.tensorboard)
+    stopper = Stopper(run_dir)
+
+    def save(step: int) -> None:
+        checkpoint.save(engine, ckpt_dir, step, {"step": step, "plan": [plan.micro_batch_size, plan.grad_accum,
+                        plan.world_size]}, cfg.checkpoint.keep_last, world.rank)
+
+    loop = Run(cfg=cfg, world=world, plan=plan, engine=engine, train_ds=train_ds, eval_ds=eval_ds,
+               pad_id=tok.pad_token_id, total_steps=total_steps, monitor=monitor,
+               flops_per_token=flops_per_token(n_params, n_trainable, getattr(mcfg, "num_hidden_layers", 0),
+                                               getattr(mcfg, "hidden_size", 0), cfg.data.max_length),
+               peak_tflops=peak_tflops(cfg.logging.peak_tflops),
+               save=save, should_stop=lambda: stopper.requested(world.device))
+    status = train(loop, start_step)
+    result = {"status": status, "total_steps": total_steps}
+    if status == "done":
+        if eval_ds is not None:
+            ev = evaluate(loop)
+            monitor.log(total_steps, ev)
+            result.update(ev)
+            if world.is_main:
+                print(f"final eval: loss {ev['eval/loss']:.4f} ppl {ev['eval/ppl']:.2f}", flush=True)
+        if checkpoint.latest_tag(ckpt_dir) != checkpoint.tag_for(total_steps):
+            save(total_steps)
+        if cfg.checkpoint.export:
+            checkpoint.export_hf(engine, tok, run_dir / "export", cfg.zero.stage)
+    monitor.close()
+    if world.is_main and status == "done":
+        png = plot_loss_curve(run_dir)
+        (run_dir / DONE_FILE).write_text(json.dumps(result) + "\n")
+        print(f"\nfinished {total_steps} steps in {run_dir}\n"
+              f"  TensorBoard:  tensorboard --logdir {run_dir / 'tb'}\n"
+              f"  loss curve:   {png}\n"
+              f"  checkpoints:  {ckpt_dir} (latest: {checkpoint.latest_tag(ckpt_dir)})\n"
+              + (f"  exported model (from_pretrained): {run_dir / 'export'}\n" if cfg.checkpoint.export else ""),
+              flush=True)
+    engine.destroy() if hasattr(engine, "destroy") else None
+    return result
+
+
+def main(argv=None) -> int:
+    from trainer.data import DataError
+    from trainer.model import ModelError
+
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:  # before any process group exists: every rank says it once
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    from trainer.dist import init_distributed
+
+    world = init_distributed(args.local_rank)
+    try:
+        result = run(cfg, world)
+    except (ConfigError, DataError, ModelError) as e:
+        if world.is_main:
+            print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0 if result["status"] in ("done", "already_done", "preempted") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

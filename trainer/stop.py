@@ -1,0 +1,27 @@
+"""Graceful stop: a signal (Slurm's pre-timeout USR1/USR2) or a STOP file in the run dir.
+
+Every rank polls once per optimizer step and the ranks agree (all-reduce), so they all
+checkpoint at the same step boundary and exit together.
+"""
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+from trainer.dist import any_rank
+
+STOP_FILE = "STOP"
+
+
+class Stopper:
+    def __init__(self, run_dir: Path, signals: tuple[str, ...] = ("SIGUSR1", "SIGUSR2")):
+        self.stop_file = run_dir / STOP_FILE
+        self.received: str | None = None
+        for name in signals:
+            signal.signal(getattr(signal, name), self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def requested(self, device: str) -> bool:
+        return any_rank(self.received is not None or self.stop_file.exists(), device)
