@@ -1,0 +1,136 @@
+"""Trainer core on real DeepSpeed ranks (2 CPU ranks, gloo), one shared torchrun launch.
+
+Equivalences: ZeRO 0/1/2/3/3+offload give the same loss curve; accumulation 4 x 2 equals 1 x 8;
+stop-at-k + resume equals an uninterrupted run; the ZeRO-3 export reloads and reproduces the
+engine's eval loss; TensorBoard event files hold every documented tag.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from helpers import (TINY_LLAMA, TOKENIZER, arith_rows, assert_curves_close, launch, losses, result,
+                     tiny_config, write_jsonl)
+
+STAGES = {"z0": {"stage": 0}, "z1": {"stage": 1}, "z2": {"stage": 2},
+          "z3": {"stage": 3, "param_persistence_threshold": 0},
+          "z3off": {"stage": 3, "param_persistence_threshold": 0, "offload_optimizer": True, "offload_param": True}}
+TB_TAGS = ["train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/samples_per_s",
+           "train/step_time_s", "train/rss_gb", "train/mfu", "eval/loss", "eval/ppl"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("core")
+    # A tiny "pretrained" folder, so ZeRO-3 exercises from_pretrained into partitions.
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = dict(TINY_LLAMA)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+    pretrained = tmp / "pretrained"
+    model.save_pretrained(str(pretrained))
+    for f in TOKENIZER.iterdir():
+        shutil.copy(f, pretrained / f.name)
+
+    train = write_jsonl(tmp / "train.jsonl", arith_rows(256, seed=1))
+    evals = write_jsonl(tmp / "eval.jsonl", arith_rows(37, seed=2))  # 37: not a multiple of ranks x micro
+    model_sec = {"name_or_path": str(pretrained), "tokenizer": None, "config": None}
+    sc = []
+    for name, zero in STAGES.items():
+        sc.append({"name": name, "config": tiny_config(tmp / name, train, model=model_sec, zero=zero,
+                                                       train={"max_steps": 5})})
+    # accumulation 4 x micro 2 vs 1 x micro 8 (ZeRO-2)
+    sc.append({"name": "acc4x2", "config": tiny_config(tmp / "acc4x2", train, model=model_sec,
+                                                        train={"micro_batch_size": 2, "grad_accum": 4, "max_steps": 4})})
+    sc.append({"name": "acc1x8", "config": tiny_config(tmp / "acc1x8", train, model=model_sec,
+                                                        train={"micro_batch_size": 8, "grad_accum": 1, "max_steps": 4})})
+    # resume: uninterrupted vs stopped after step 3 and resumed (ZeRO-3, cosine schedule, accumulation)
+    for name, stop in (("full", None), ("cut", 3), ("cut", None)):
+        sc.append({"name": f"resume-{name}", "stop_at": stop, "config": tiny_config(
+            tmp / f"resume-{name}", train, model=model_sec, zero=STAGES["z3"],
+            train={"max_steps": 7, "grad_accum": 2, "scheduler": "cosine", "warmup_steps": 2},
+            checkpoint={"every_steps": 2, "keep_last": 2})})
+    # export under ZeRO-3 + eval + TensorBoard tags
+    sc.append({"name": "export", "probe": "probes:export_eval_loss", "config": tiny_config(
+        tmp / "export", train, model=model_sec, zero=STAGES["z3"],
+        data={"eval": str(evals)}, train={"max_steps": 4, "eval_every": 2},
+        checkpoint={"export": True}, logging={"every_steps": 1})})
+    proc = launch(sc, tmp)
+    return tmp, proc
+
+
+def test_zero_stages_give_the_same_loss_curve(runs):
+    tmp, _ = runs
+    ref = losses(tmp / "z0")
+    assert len(ref) == 5 and ref[-1][1] < ref[0][1]
+    for name in STAGES:
+        result(tmp / name)
+        assert_curves_close(losses(tmp / name), ref, rel=1e-4)
+
+
+def test_zero3_really_partitions(runs):
+    tmp, _ = runs
+    ds = json.loads((tmp / "z3" / "ds_config.json").read_text())
+    assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+    assert ds["zero_optimization"]["offload_param"]["device"] == "none"
+    off = json.loads((tmp / "z3off" / "ds_config.json").read_text())["zero_optimization"]
+    assert off["offload_param"]["device"] == "cpu" and off["offload_optimizer"]["device"] == "cpu"
+
+
+def test_accumulation_equals_large_batch(runs):
+    tmp, _ = runs
+    a, b = losses(tmp / "acc4x2"), losses(tmp / "acc1x8")
+    assert_curves_close(a, b, rel=1e-5)
+    ds = json.loads((tmp / "acc4x2" / "ds_config.json").read_text())
+    assert (ds["train_batch_size"], ds["gradient_accumulation_steps"]) == (16, 4)
+
+
+def test_resume_continues_exactly(runs):
+    tmp, _ = runs
+    full, cut = losses(tmp / "resume-full"), losses(tmp / "resume-cut")
+    # metrics.jsonl of the cut run holds steps 1-3 from the first launch, 4-7 from the resume
+    assert [s for s, _ in cut] == list(range(1, 8))
+    assert_curves_close(cut, full, rel=1e-6)
+    ckpts = sorted(p.name for p in (tmp / "resume-cut" / "checkpoints").glob("step*"))
+    assert ckpts == ["step00000006", "step00000007"]  # keep_last=2
+    assert (tmp / "resume-cut" / "checkpoints" / "latest").read_text() == "step00000007"
+
+
+def test_zero3_export_reloads_with_the_engines_eval_loss(runs):
+    tmp, _ = runs
+    out = result(tmp / "export")
+    probe = out["probe"]
+    assert probe["empty_tensors"] == 0 and probe["n_params"] > 30_000
+    assert abs(probe["eval_loss"] - out["result"]["eval/loss"]) < 1e-4 * out["result"]["eval/loss"]
+    export = tmp / "export" / "export"
+    assert (export / "model.safetensors").exists() and (export / "config.json").exists()
+    assert (export / "tokenizer.json").exists()
+    assert (tmp / "export" / "loss_curve.png").stat().st_size > 1000
+    assert json.loads((tmp / "export" / "DONE").read_text())["status"] == "done"
+
+
+def test_tensorboard_events_hold_every_tag(runs):
+    tmp, _ = runs
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp / "export" / "tb"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    missing = [t for t in TB_TAGS if t not in tags]
+    assert not missing, f"missing {missing}; have {tags}"
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert [e.step for e in acc.Scalars("eval/loss")] == [2, 4]
+    metrics = [json.loads(line) for line in (tmp / "export" / "metrics.jsonl").read_text().splitlines()]
+    tb_losses = [e.value for e in acc.Scalars("train/loss")]
+    assert tb_losses == pytest.approx([m["train/loss"] for m in metrics if "train/loss" in m], rel=1e-6)
+
+
+def test_world_json_records_every_rank(runs):
+    tmp, _ = runs
+    world = json.loads((tmp / "z2" / "world.json").read_text())
+    assert [w["rank"] for w in world] == [0, 1] and {w["world_size"] for w in world} == {2}
