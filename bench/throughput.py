@@ -1,0 +1,133 @@
+"""Benchmark (not a test): our trainer vs a minimal hand-written DeepSpeed loop, side by side.
+
+    python bench/throughput.py [--steps 60] [--ranks 2] [--stage 2] [--micro 16] [--rounds 2]
+
+Both arms use the same tiny Llama, data, DeepSpeed config and ranks, in ONE launch, alternating
+A/B for --rounds rounds. Prints non-padding tokens/s of each (steady state: the first 5 steps of
+each arm are warm-up) and the ratio ours / hand-written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+WARMUP = 5
+
+
+def bench_config(run_dir: Path, args) -> dict:
+    return {
+        "run_dir": str(run_dir), "seed": 1,
+        "model": {"tokenizer": str(ROOT / "examples/tiny-tokenizer"), "config": {
+            "model_type": "llama", "vocab_size": 512, "hidden_size": 128, "intermediate_size": 256,
+            "num_hidden_layers": 4, "num_attention_heads": 4, "max_position_embeddings": 64}},
+        "data": {"train": str(ROOT / "examples/data/arith-train.jsonl"), "format": "prompt_response", "max_length": 48},
+        "train": {"micro_batch_size": args.micro, "max_steps": args.steps, "lr": 1e-3, "scheduler": "constant"},
+        "zero": {"stage": args.stage}, "dist": {"procs_per_node": args.ranks},
+        "checkpoint": {"every_steps": 0, "export": False},
+        "logging": {"every_steps": 1000, "progress_bar": False, "tensorboard": True},
+    }
+
+
+def ours(cfg_dict: dict, world) -> float:
+    from launcher.config import validate
+    from trainer.main import run
+    from trainer.monitor import read_metrics
+
+    run(validate(cfg_dict), world)
+    rows = [r for r in read_metrics(Path(cfg_dict["run_dir"])) if "train/loss" in r][WARMUP:]
+    tokens = sum(r["train/tokens_per_s"] * r["train/step_time_s"] for r in rows)
+    return tokens / sum(r["train/step_time_s"] for r in rows)
+
+
+def hand_written(cfg_dict: dict, world) -> float:
+    """What a user would write by hand: model, batches, deepspeed.initialize, forward/backward/step."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from launcher.config import validate
+    from launcher.ds_config import render_ds_config
+    from trainer import data as D
+
+    cfg = validate(cfg_dict)
+    tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer)
+    rows = D.load_rows(cfg.data.train)
+    enc = D.make_encoder(tok, "prompt_response", {"prompt": "prompt", "response": "response"}, True, 48)
+    ds = D.tokenize(rows, enc, False, 48, "bench").dataset
+    m = dict(cfg.model.config)
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(m.pop("model_type"), **m))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=render_ds_config(cfg))
+    n, micro = len(ds), cfg.train.micro_batch_size
+    times, tokens = [], []
+    for step in range(cfg.train.max_steps):
+        t0 = time.perf_counter()  # timed like ours: batch assembly + forward/backward/step
+        (idx,) = D.window_indices(n, world.world_size, world.rank, cfg.seed, micro, 1, step)
+        b = D.fetch(ds, idx, tok.pad_token_id)
+        loss = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+        engine.backward(loss)
+        engine.step()
+        loss.item()
+        times.append(time.perf_counter() - t0)
+        t = torch.tensor([float(b["attention_mask"].sum())])
+        dist.all_reduce(t)
+        tokens.append(float(t))
+    engine.destroy()
+    return sum(tokens[WARMUP:]) / sum(times[WARMUP:])
+
+
+def worker(args) -> None:
+    from trainer.dist import init_distributed
+
+    world = init_distributed()
+    tmp = Path(args.tmp)
+    res = {"ours": [], "hand": []}
+    for r in range(args.rounds):
+        res["hand"].append(hand_written(bench_config(tmp / f"hand{r}", args), world))
+        res["ours"].append(ours(bench_config(tmp / f"ours{r}", args), world))
+    if world.is_main:
+        (tmp / "bench.json").write_text(json.dumps(res))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--stage", type=int, default=2)
+    p.add_argument("--micro", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--worker", action="store_true")
+    p.add_argument("--tmp")
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.ranks}",
+               __file__, "--worker", "--tmp", tmp] + [f"--{k}={v}" for k, v in
+                                                       (("steps", args.steps), ("stage", args.stage),
+                                                        ("micro", args.micro), ("rounds", args.rounds), ("ranks", args.ranks))]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode:
+            sys.exit(f"benchmark launch failed:\n{proc.stderr[-4000:]}")
+        res = json.loads((Path(tmp) / "bench.json").read_text())
+    o, h = statistics.median(res["ours"]), statistics.median(res["hand"])
+    print(f"ZeRO-{args.stage}, {args.ranks} ranks, micro {args.micro}, {args.steps} steps x {args.rounds} rounds (A/B alternating)")
+    print(f"  hand-written DeepSpeed loop: {h:10.0f} tokens/s  (rounds: {', '.join(f'{x:.0f}' for x in res['hand'])})")
+    print(f"  our trainer:                 {o:10.0f} tokens/s  (rounds: {', '.join(f'{x:.0f}' for x in res['ours'])})")
+    print(f"  ratio ours / hand-written:   {o / h:10.3f}")
+
+
+if __name__ == "__main__":
+    main()
