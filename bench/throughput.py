@@ -27,9 +27,12 @@ def bench_config(run_dir: Path, args) -> dict:
     return {
         "run_dir": str(run_dir), "seed": 1,
         "model": {"tokenizer": str(ROOT / "examples/tiny-tokenizer"), "config": {
-            "model_type": "llama", "vocab_size": 512, "hidden_size": 128, "intermediate_size": 256,
-            "num_hidden_layers": 4, "num_attention_heads": 4, "max_position_embeddings": 64}},
-        "data": {"train": str(ROOT / "examples/data/arith-train.jsonl"), "format": "prompt_response", "max_length": 48},
+            "model_type": "llama", "vocab_size": 512, "hidden_size": args.hidden, "intermediate_size": 4 * args.hidden,
+            "num_hidden_layers": args.layers, "num_attention_heads": max(4, args.hidden // 64),
+            "max_position_embeddings": args.max_length}},
+        "data": {"train": str(ROOT / "examples/data/arith-train.jsonl"), "format": "prompt_response",
+                 "max_length": args.max_length, "packing": args.max_length > 64},
+        "precision": {"dtype": args.dtype},
         "train": {"micro_batch_size": args.micro, "max_steps": args.steps, "lr": 1e-3, "scheduler": "constant"},
         "zero": {"stage": args.stage}, "dist": {"procs_per_node": args.ranks},
         "checkpoint": {"every_steps": 0, "export": False},
@@ -37,7 +40,7 @@ def bench_config(run_dir: Path, args) -> dict:
     }
 
 
-def ours(cfg_dict: dict, world) -> float:
+def ours(cfg_dict: dict, world) -> tuple[float, float]:
     from launcher.config import validate
     from trainer.main import run
     from trainer.monitor import read_metrics
@@ -45,7 +48,8 @@ def ours(cfg_dict: dict, world) -> float:
     run(validate(cfg_dict), world)
     rows = [r for r in read_metrics(Path(cfg_dict["run_dir"])) if "train/loss" in r][WARMUP:]
     tokens = sum(r["train/tokens_per_s"] * r["train/step_time_s"] for r in rows)
-    return tokens / sum(r["train/step_time_s"] for r in rows)
+    mfu = statistics.median(r.get("train/mfu", 0.0) for r in rows)
+    return tokens / sum(r["train/step_time_s"] for r in rows), mfu
 
 
 def hand_written(cfg_dict: dict, world) -> float:
@@ -62,8 +66,9 @@ def hand_written(cfg_dict: dict, world) -> float:
     cfg = validate(cfg_dict)
     tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer)
     rows = D.load_rows(cfg.data.train)
-    enc = D.make_encoder(tok, "prompt_response", {"prompt": "prompt", "response": "response"}, True, 48)
-    ds = D.tokenize(rows, enc, False, 48, "bench").dataset
+    d = cfg.data
+    enc = D.make_encoder(tok, "prompt_response", {"prompt": "prompt", "response": "response"}, True, d.max_length)
+    ds = D.tokenize(rows, enc, d.packing, d.max_length, "bench").dataset
     m = dict(cfg.model.config)
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(m.pop("model_type"), **m))
@@ -75,6 +80,7 @@ def hand_written(cfg_dict: dict, world) -> float:
         t0 = time.perf_counter()  # timed like ours: batch assembly + forward/backward/step
         (idx,) = D.window_indices(n, world.world_size, world.rank, cfg.seed, micro, 1, step)
         b = D.fetch(ds, idx, tok.pad_token_id)
+        b = {k: v.to(engine.device) for k, v in b.items()}
         loss = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
         engine.backward(loss)
         engine.step()
@@ -92,10 +98,12 @@ def worker(args) -> None:
 
     world = init_distributed()
     tmp = Path(args.tmp)
-    res = {"ours": [], "hand": []}
+    res = {"ours": [], "hand": [], "mfu": []}
     for r in range(args.rounds):
         res["hand"].append(hand_written(bench_config(tmp / f"hand{r}", args), world))
-        res["ours"].append(ours(bench_config(tmp / f"ours{r}", args), world))
+        tps, mfu = ours(bench_config(tmp / f"ours{r}", args), world)
+        res["ours"].append(tps)
+        res["mfu"].append(mfu)
     if world.is_main:
         (tmp / "bench.json").write_text(json.dumps(res))
 
@@ -107,26 +115,35 @@ def main() -> None:
     p.add_argument("--stage", type=int, default=2)
     p.add_argument("--micro", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=48)
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--worker", action="store_true")
     p.add_argument("--tmp")
     args = p.parse_args()
     if args.worker:
         return worker(args)
     with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.ranks}",
                __file__, "--worker", "--tmp", tmp] + [f"--{k}={v}" for k, v in
                                                        (("steps", args.steps), ("stage", args.stage),
-                                                        ("micro", args.micro), ("rounds", args.rounds), ("ranks", args.ranks))]
+                                                        ("micro", args.micro), ("rounds", args.rounds), ("ranks", args.ranks),
+                                                        ("hidden", args.hidden), ("layers", args.layers),
+                                                        ("max-length", args.max_length), ("dtype", args.dtype))]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode:
             sys.exit(f"benchmark launch failed:\n{proc.stderr[-4000:]}")
         res = json.loads((Path(tmp) / "bench.json").read_text())
     o, h = statistics.median(res["ours"]), statistics.median(res["hand"])
-    print(f"ZeRO-{args.stage}, {args.ranks} ranks, micro {args.micro}, {args.steps} steps x {args.rounds} rounds (A/B alternating)")
+    print(f"llama hidden {args.hidden} x {args.layers} layers, seq {args.max_length}, {args.dtype}, "
+          f"ZeRO-{args.stage}, {args.ranks} ranks, micro {args.micro}, {args.steps} steps x {args.rounds} rounds (A/B alternating)")
     print(f"  hand-written DeepSpeed loop: {h:10.0f} tokens/s  (rounds: {', '.join(f'{x:.0f}' for x in res['hand'])})")
     print(f"  our trainer:                 {o:10.0f} tokens/s  (rounds: {', '.join(f'{x:.0f}' for x in res['ours'])})")
     print(f"  ratio ours / hand-written:   {o / h:10.3f}")
+    if any(res["mfu"]):
+        print(f"  our MFU (median of rounds):  {statistics.median(res['mfu']):10.3f}")
 
 
 if __name__ == "__main__":

@@ -129,6 +129,9 @@ def any_rank(flag: bool, device: str) -> bool:
 
 def world_info(world: World) -> dict:
     """This rank's view, for world.json (what the job really woke up in)."""
+    import torch.distributed as dist
+
     return {"rank": world.rank, "local_rank": world.local_rank, "node_rank": world.node_rank,
             "world_size": world.world_size, "host": socket.gethostname(),
-            "slurm_nodename": os.environ.get("SLURMD_NODENAME"), "device": world.device}
+            "slurm_nodename": os.environ.get("SLURMD_NODENAME"), "device": world.device,
+            "backend": dist.get_backend()}
