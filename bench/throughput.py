@@ -86,7 +86,7 @@ def hand_written(cfg_dict: dict, world) -> float:
         engine.step()
         loss.item()
         times.append(time.perf_counter() - t0)
-        t = torch.tensor([float(b["attention_mask"].sum())])
+        t = torch.tensor([float(b["attention_mask"].sum())], device=engine.device)
         dist.all_reduce(t)
         tokens.append(float(t))
     engine.destroy()
