@@ -29,6 +29,7 @@ OWNED: dict[str, str] = {
     "zero_optimization.reduce_bucket_size": "zero.reduce_bucket_size",
     "optimizer": "train.optimizer (the trainer builds the optimizer)",
     "scheduler": "train.scheduler (the trainer builds the scheduler)",
+    "zero_force_ds_cpu_optimizer": "train.allow_bnb_offload (with a bitsandbytes train.optimizer)",
 }
 
 
@@ -68,6 +69,8 @@ def render_ds_config(cfg: RunConfig, plan: Optional[BatchPlan] = None) -> dict[s
         "steps_per_print": 1_000_000_000,
         "wall_clock_breakdown": False,
     }
+    if z.offload_optimizer and t.optimizer.endswith("8bit"):  # bnb under offload (allowed by opt-in only)
+        out["zero_force_ds_cpu_optimizer"] = False
     return out
 
 

@@ -1,0 +1,123 @@
+"""Post-scenario probes for the method tests (see dist_worker.py `probe`). They run on every rank
+after the trainer returned; rank 0 does the work in plain PyTorch (no DeepSpeed) and returns
+JSON-able facts for the test to compare."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+
+def _eval_split(cfg, tok):
+    from trainer import data as D
+
+    d = cfg.data
+    enc = D.make_encoder(tok, d.format, {"text": d.text_field, "prompt": d.prompt_field,
+                         "response": d.response_field, "messages": d.messages_field}, d.mask_prompt, d.max_length)
+    return D.tokenize(D.load_rows(d.eval), enc, False, d.max_length, "probe").dataset
+
+
+def _eval(model, split, pad_id):
+    """(summed next-token CE / target tokens, logits of the first batch) -- as the trainer computes it."""
+    import torch
+
+    from trainer import data as D
+
+    loss_sum = tokens = 0.0
+    first = None
+    with torch.no_grad():
+        for i in range(0, len(split), 8):
+            batch = D.fetch(split, list(range(i, min(i + 8, len(split)))), pad_id)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            first = logits if first is None else first
+            loss_sum += torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.size(-1)).float(), batch["labels"][:, 1:].reshape(-1),
+                ignore_index=D.IGNORE, reduction="sum").item()
+            tokens += D.target_tokens(batch)
+    return loss_sum / tokens, first
+
+
+def adapter_reload(cfg, world) -> dict:
+    """Reload run_dir/adapter onto a fresh base with PeftModel.from_pretrained; its eval loss; the
+    adapter file's tensor shapes; and, when a merged export exists, its eval loss and the largest
+    logit difference between merged and adapter model."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.methods import _drop_virtual_token_logits
+
+    if not world.is_main:
+        return {}
+    run_dir = Path(cfg.run_dir)
+    adapter = run_dir / "adapter"
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    tok = AutoTokenizer.from_pretrained(str(adapter))
+    base = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path)
+    model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    if cfg.method.name == "prompt":
+        model.register_forward_hook(_drop_virtual_token_logits(cfg.method.num_virtual_tokens), with_kwargs=True)
+    split = _eval_split(cfg, tok)
+    loss, logits = _eval(model, split, tok.pad_token_id)
+    out = {"eval_loss": loss, "n_tensors": len(tensors), "adapter_numel": sum(t.numel() for t in tensors.values()),
+           "empty_tensors": sorted(k for k, t in tensors.items() if t.numel() == 0),
+           "keys": sorted(tensors)[:6]}
+    if (run_dir / "export").exists():
+        merged = AutoModelForCausalLM.from_pretrained(str(run_dir / "export")).eval()
+        m_loss, m_logits = _eval(merged, split, tok.pad_token_id)
+        out.update(merged_eval_loss=m_loss, merged_max_logit_diff=float((m_logits - logits).abs().max()),
+                   merged_is_plain=not any("lora" in n for n, _ in merged.named_parameters()))
+    return out
+
+
+def _digest(t) -> str:
+    return hashlib.sha1(t.detach().float().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def weights_by_step(cfg, world) -> dict:
+    """sha1 of every weight: in the base folder (step 0) and in every kept checkpoint (the fp32
+    master weights, assembled from the ZeRO shards by DeepSpeed's zero_to_fp32 for stages 1-3)."""
+    import torch
+    from safetensors.torch import load_file
+
+    if not world.is_main:
+        return {}
+    ckpt = Path(cfg.run_dir) / "checkpoints"
+    steps = {0: {k: _digest(v) for k, v in load_file(str(Path(cfg.model.name_or_path) / "model.safetensors")).items()}}
+    for tag_dir in sorted(ckpt.glob("step*")):
+        step = int(tag_dir.name[4:])
+        if cfg.zero.stage == 0:
+            sd = torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False, map_location="cpu")["module"]
+        else:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag_dir.name)
+        steps[step] = {k: _digest(v) for k, v in sd.items()}
+    return {"steps": steps}
+
+
+def optimizer_state_dtypes(cfg, world) -> dict:
+    """dtypes of the optimizer state tensors in the latest checkpoint's rank-0 shard (8-bit
+    optimizers keep uint8 moments)."""
+    import torch
+
+    if not world.is_main:
+        return {}
+    ckpt = Path(cfg.run_dir) / "checkpoints"
+    tag = (ckpt / "latest").read_text().strip()
+    files = sorted((ckpt / tag).glob("*optim_states.pt")) or sorted((ckpt / tag).glob("mp_rank_00_model_states.pt"))
+    sd = torch.load(files[0], weights_only=False, map_location="cpu")
+    found: dict[str, int] = {}
+
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            found[str(x.dtype)] = found.get(str(x.dtype), 0) + x.numel()
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+
+    walk(sd.get("optimizer_state_dict", sd.get("optimizer")))
+    return {"dtypes": found}
