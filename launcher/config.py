@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from launcher.batch import batch_problems
 from launcher.errors import ConfigError  # noqa: F401  (re-exported)
@@ -124,6 +124,70 @@ class SlurmConfig(_Section):
     env_setup: list[str] = []
 
 
+# Metrics each task logs (as eval/<name>); early_stopping.metric must be one of them, or a
+# per-label one: eval/f1/<label> (also precision/, recall/) and, for NER, eval/entity_f1/<TYPE>.
+_AVERAGED = [f"{m}_{a}" for a in ("macro", "micro", "weighted") for m in ("precision", "recall", "f1")]
+TASK_METRICS: dict[str, list[str]] = {
+    "causal_lm": ["eval/loss", "eval/ppl"],
+    "sequence_classification": ["eval/loss", "eval/accuracy", *(f"eval/{m}" for m in _AVERAGED)],
+    "token_classification": ["eval/loss", "eval/accuracy", *(f"eval/{m}" for m in _AVERAGED),
+                             *(f"eval/entity_{m}" for m in _AVERAGED)],
+}
+PER_LABEL_METRICS: dict[str, tuple[str, ...]] = {
+    "causal_lm": (),
+    "sequence_classification": ("eval/precision/", "eval/recall/", "eval/f1/"),
+    "token_classification": ("eval/precision/", "eval/recall/", "eval/f1/", "eval/entity_precision/",
+                             "eval/entity_recall/", "eval/entity_f1/"),
+}
+
+
+class EarlyStoppingConfig(_Section):
+    # The metric that picks the best checkpoint (the export is that step's weights) and that
+    # early stopping watches, as logged: eval/loss, eval/accuracy, eval/f1_macro, ...
+    metric: str = "eval/loss"
+    # max or min; null = min for eval/loss and eval/ppl, max for everything else.
+    mode: Optional[Literal["max", "min"]] = None
+    # Stop after this many evaluations in a row without improvement; null = never stop early
+    # (the best checkpoint is still selected).
+    patience: Optional[int] = Field(None, gt=0)
+    # An improvement must beat the best value so far by more than this.
+    min_delta: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _default_mode(self):
+        if self.mode is None:
+            self.mode = "min" if self.metric in ("eval/loss", "eval/ppl") else "max"
+        return self
+
+
+class TaskConfig(_Section):
+    type: Literal["causal_lm", "sequence_classification", "token_classification"] = "causal_lm"
+    # sequence_classification: the text is data.text_field; a second text of a pair (premise /
+    # hypothesis, question / passage) is text_pair_field; the class is label_field.
+    text_pair_field: Optional[str] = None
+    label_field: str = "label"
+    # token_classification: a list of words and one tag per word, as in CoNLL-2003.
+    tokens_field: str = "tokens"
+    tags_field: str = "tags"
+    # Label names in id order; null = read from the train split (sorted; "O" first for tags).
+    # Integer labels in the data index this list.
+    labels: Optional[list[str]] = None
+    # Loss weight per label: "auto" = inverse frequency in the train split (n / (k * n_label)),
+    # a list in the order of `labels`, or null = unweighted.
+    class_weights: Optional[Union[Literal["auto"], list[float]]] = None
+    early_stopping: Optional[EarlyStoppingConfig] = None
+
+    @field_validator("class_weights", mode="before")
+    @classmethod
+    def _weights_shape(cls, v):
+        ok = v is None or v == "auto" or (isinstance(v, list) and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in v))
+        if not ok:
+            raise ValueError("must be 'auto', a list of non-negative numbers (one per label, in the order "
+                             "of task.labels), or null")
+        return v
+
+
 class RunConfig(_Section):
     run_dir: str
     seed: int = 42
@@ -136,6 +200,7 @@ class RunConfig(_Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
     slurm: SlurmConfig = SlurmConfig()
+    task: TaskConfig = TaskConfig()
 
     @property
     def world_size(self) -> int:
@@ -217,6 +282,53 @@ def _describe_pydantic_error(err: dict[str, Any]) -> str:
     return f"'{key}' = {value!r}: {err['msg']}; fix the value in the YAML file or with {key}=..."
 
 
+def task_problems(cfg: "RunConfig") -> list[str]:
+    """Cross-field rules of the task section (part of cross_field_problems)."""
+    t, d, p = cfg.task, cfg.data, []
+    if t.type == "causal_lm":
+        for key, value in (("labels", t.labels), ("class_weights", t.class_weights),
+                           ("text_pair_field", t.text_pair_field)):
+            if value is not None:
+                p.append(f"'task.{key}' = {value!r} applies to classification, but task.type is 'causal_lm'; "
+                         f"set task.type=sequence_classification (or token_classification) or remove task.{key}")
+    else:
+        if d.format != "text":
+            p.append(f"'data.format' = {d.format!r} is for causal_lm; task.type={t.type!r} reads "
+                     "data.text_field and the task.*_field columns, so remove data.format")
+        if d.packing:
+            p.append(f"'data.packing' = true cannot be used with task.type={t.type!r} (every row is one "
+                     "example); set data.packing=false")
+    if t.type == "token_classification" and t.text_pair_field is not None:
+        p.append(f"'task.text_pair_field' = {t.text_pair_field!r}: text pairs are for sequence_classification, "
+                 "not token_classification; remove it")
+    if t.labels is not None:
+        dupes = sorted({x for x in t.labels if t.labels.count(x) > 1})
+        if dupes:
+            p.append(f"'task.labels' lists {dupes} more than once; each label name must be unique")
+        if len(t.labels) < 2:
+            p.append(f"'task.labels' = {t.labels!r} needs at least two labels")
+    if isinstance(t.class_weights, list):
+        if t.labels is None:
+            p.append(f"'task.class_weights' = {t.class_weights!r} is a list, which needs 'task.labels' to fix the "
+                     "order of the labels; set task.labels, or use task.class_weights=auto")
+        elif len(t.class_weights) != len(t.labels):
+            p.append(f"'task.class_weights' has {len(t.class_weights)} weights but 'task.labels' has "
+                     f"{len(t.labels)} labels; give one weight per label")
+    es = t.early_stopping
+    if es is not None:
+        if d.eval is None and d.eval_fraction == 0:
+            p.append("'task.early_stopping' needs an eval split; set data.eval or data.eval_fraction")
+        if cfg.train.eval_every == 0:
+            p.append("'task.early_stopping' needs evaluations during training; set train.eval_every "
+                     "(optimizer steps between evaluations)")
+        known = TASK_METRICS[t.type]
+        if es.metric not in known and not es.metric.startswith(PER_LABEL_METRICS[t.type]):
+            per_label = ", ".join(f"{x}<label>" for x in PER_LABEL_METRICS[t.type])
+            p.append(f"'task.early_stopping.metric' = {es.metric!r} is not a metric of task.type={t.type!r}; "
+                     f"choose one of {', '.join(known)}" + (f", or a per-label one: {per_label}" if per_label else ""))
+    return p
+
+
 def cross_field_problems(cfg: RunConfig) -> list[str]:
     """Rules that involve more than one field. Pure; device-independent."""
     p: list[str] = []
@@ -241,6 +353,7 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
     if cfg.train.warmup_steps and cfg.train.max_steps and cfg.train.warmup_steps > cfg.train.max_steps:
         p.append(f"'train.warmup_steps' = {cfg.train.warmup_steps} exceeds 'train.max_steps' = "
                  f"{cfg.train.max_steps}; lower the warmup")
+    p += task_problems(cfg)
     p += batch_problems(cfg.train.micro_batch_size, cfg.train.grad_accum,
                         cfg.train.global_batch_size, cfg.world_size)
     return p

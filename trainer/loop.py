@@ -1,9 +1,8 @@
 """The training loop and evaluation. Read top to bottom: one optimizer step per iteration."""
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -12,6 +11,7 @@ from launcher.config import RunConfig
 from trainer import data as D
 from trainer.dist import World, all_reduce_sum
 from trainer.monitor import Monitor, memory_gb
+from trainer.tasks import CausalLM, report_dir
 
 
 @dataclass
@@ -30,6 +30,10 @@ class Run:
     peak_tflops: Optional[float]
     save: Callable[[int], None]  # checkpoint at a step
     should_stop: Callable[[], bool]
+    # trainer/tasks.py: fetch, loss and metrics of the task (causal LM, sequence / token classification)
+    task: Any = field(default_factory=CausalLM)
+    best: Any = None  # trainer/early_stop.py EarlyStopping, or None (the export is the last step)
+    save_best: Optional[Callable[[int], None]] = None  # checkpoint the best evaluation so far
 
 
 def lm_loss_sum(engine, batch: dict, device: str):
@@ -43,28 +47,36 @@ def lm_loss_sum(engine, batch: dict, device: str):
                            ignore_index=D.IGNORE, reduction="sum")
 
 
-def evaluate(run: Run) -> dict[str, float]:
-    """Eval loss (per target token, over the whole eval split) and perplexity."""
+def evaluate(run: Run, step: Optional[int] = None) -> dict[str, float]:
+    """Eval loss (per target token, or per labelled example / token for classification, over the
+    whole eval split) and the task's metrics: perplexity, or accuracy / P / R / F1 (the report and
+    confusion matrix go to RUN_DIR/eval/stepNNNNNNNN/ when ``step`` is given)."""
     import torch
 
-    engine, w = run.engine, run.world
+    engine, w, task = run.engine, run.world, run.task
     batches = D.eval_batches(len(run.eval_ds), w.world_size, w.rank, run.plan.micro_batch_size)
     if run.cfg.train.eval_max_batches:
         batches = batches[: run.cfg.train.eval_max_batches]
     engine.eval()
     loss_sum = tokens = 0.0
+    outputs: list = []
     with torch.no_grad():
         for idx in batches:
-            batch = D.fetch(run.eval_ds, idx, run.pad_id)
-            loss_sum += lm_loss_sum(engine, batch, w.device).item()
-            tokens += D.target_tokens(batch)
+            batch = task.fetch(run.eval_ds, idx, run.pad_id)
+            loss, out = task.eval_step(engine, batch, idx, w.device)
+            loss_sum += loss.item()
+            tokens += task.n_targets(batch)
+            outputs += out
     engine.train()
     loss = all_reduce_sum(loss_sum, w.device) / max(1.0, all_reduce_sum(tokens, w.device))
-    return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
+    metrics, report = task.eval_metrics(loss, outputs)
+    if report is not None and step is not None and w.is_main:
+        report.write(report_dir(Path(run.cfg.run_dir), step), f"{Path(run.cfg.run_dir).name} step {step}")
+    return metrics
 
 
 def train(run: Run, start_step: int) -> str:
-    """Optimizer steps start_step..total_steps-1. Returns "done" or "preempted"."""
+    """Optimizer steps start_step..total_steps-1. Returns "done", "early_stopped" or "preempted"."""
     from tqdm import tqdm
 
     cfg, w, engine, plan = run.cfg, run.world, run.engine, run.plan
@@ -76,15 +88,16 @@ def train(run: Run, start_step: int) -> str:
         t0 = time.perf_counter()
         lr = engine.get_lr()[0]
         windows = D.window_indices(n, w.world_size, w.rank, cfg.seed, plan.micro_batch_size, plan.grad_accum, step)
-        batches = [D.fetch(run.train_ds, idx, run.pad_id) for idx in windows]
-        # Normalise by the target tokens of the whole window on all ranks, so that accumulation
-        # N x micro b equals one batch of N*b. DeepSpeed divides by accum and averages over ranks.
-        n_target = all_reduce_sum(sum(D.target_tokens(b) for b in batches), w.device)
+        batches = [run.task.fetch(run.train_ds, idx, run.pad_id) for idx in windows]
+        # Normalise by the targets (LM: target tokens; classification: labelled examples or tokens)
+        # of the whole window on all ranks, so that accumulation N x micro b equals one batch of
+        # N*b. DeepSpeed divides by accum and averages over ranks.
+        n_target = all_reduce_sum(sum(run.task.n_targets(b) for b in batches), w.device)
         n_input = all_reduce_sum(sum(int(b["attention_mask"].sum()) for b in batches), w.device)
         scale = plan.grad_accum * w.world_size / n_target
         loss_sum = 0.0
         for batch in batches:
-            loss = lm_loss_sum(engine, batch, w.device)
+            loss = run.task.loss_sum(engine, batch, w.device)
             engine.backward(loss * scale)
             engine.step()
             loss_sum += loss.item()
@@ -104,8 +117,13 @@ def train(run: Run, start_step: int) -> str:
             metrics["train/mfu"] = run.flops_per_token * tokens_all / dt / (run.peak_tflops * 1e12 * w.world_size)
         mem_tag, mem = memory_gb(w.device)
         metrics[mem_tag] = mem
+        verdict = None
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < run.total_steps and run.eval_ds is not None:
-            metrics.update(evaluate(run))
+            metrics.update(evaluate(run, done))
+            if run.best is not None:  # best-checkpoint selection / early stopping
+                verdict = run.best.update(done, metrics)
+                if verdict.improved:
+                    run.save_best(done)
         run.monitor.log(done, metrics)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
@@ -117,6 +135,12 @@ def train(run: Run, start_step: int) -> str:
         saved = cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0 and done < run.total_steps
         if saved:
             run.save(done)
+        if verdict is not None and verdict.stop:
+            bar.close()
+            if w.is_main:
+                print(f"early stopping at step {done}: {run.best.metric} has not improved by more than "
+                      f"{run.best.min_delta} in {run.best.patience} evaluations; {run.best.summary()}", flush=True)
+            return "early_stopped"
         if done < run.total_steps and run.should_stop():
             if not saved:
                 run.save(done)

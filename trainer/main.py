@@ -54,10 +54,14 @@ def check_run_dir(cfg: RunConfig, run_dir: Path) -> None:
 
 
 def prepare_data(cfg: RunConfig, tok, world):
-    """Train and eval splits, tokenised once per node (local rank 0 first, the rest hit the cache)."""
+    """Train and eval splits, tokenised once per node (local rank 0 first, the rest hit the cache),
+    and the task (trainer/tasks.py; classification labels come from the config or the data)."""
     from trainer import data as D
+    from trainer import tasks
     from trainer.dist import local_main_first
 
+    if cfg.task.type != "causal_lm":
+        return tasks.prepare_classification(cfg, tok, world)
     d = cfg.data
     fields = {"text": d.text_field, "prompt": d.prompt_field, "response": d.response_field,
               "messages": d.messages_field}
@@ -81,7 +85,7 @@ def prepare_data(cfg: RunConfig, tok, world):
                 print(f"data/{name}: {s.rows_in} rows, {s.truncated} longer than max_length={d.max_length} "
                       f"truncated, {s.dropped_no_target} dropped (no target tokens left), "
                       f"{len(s.dataset)} {'packed blocks' if d.packing else 'examples'}", flush=True)
-    return train.dataset, (evals.dataset if evals is not None else None)
+    return train.dataset, (evals.dataset if evals is not None else None), tasks.CausalLM()
 
 
 def total_steps_for(cfg: RunConfig, n_train: int, plan) -> int:
@@ -102,7 +106,9 @@ def run(cfg: RunConfig, world) -> dict:
 
     from launcher.ds_config import build_ds_config
     from trainer import checkpoint
+    from trainer import tasks
     from trainer.dist import world_info
+    from trainer.early_stop import EarlyStopping
     from trainer.loop import Run, evaluate, train
     from trainer.model import build_model, count_params, load_tokenizer
     from trainer.monitor import Monitor, flops_per_token, peak_tflops, plot_loss_curve
@@ -124,10 +130,10 @@ def run(cfg: RunConfig, world) -> dict:
 
     set_seed(cfg.seed)
     tok = load_tokenizer(cfg.model)
-    train_ds, eval_ds = prepare_data(cfg, tok, world)
+    train_ds, eval_ds, task = prepare_data(cfg, tok, world)
     total_steps = total_steps_for(cfg, len(train_ds), plan)
     set_seed(cfg.seed)  # same initial weights whatever the data preparation consumed
-    model, _zero3_handle = build_model(cfg.model, ds_config, cfg.precision.dtype)
+    model, _zero3_handle = build_model(cfg.model, ds_config, cfg.precision.dtype, task)
     n_params, n_trainable = count_params(model)
     optimizer = build_optimizer(model, t, offload=cfg.zero.offload_optimizer)
     scheduler = build_scheduler(optimizer, t, total_steps)
@@ -161,34 +167,59 @@ def run(cfg: RunConfig, world) -> dict:
     monitor = Monitor(run_dir, world.is_main, cfg.logging.tensorboard)
     stopper = Stopper(run_dir)
 
+    es = cfg.task.early_stopping
+    best = EarlyStopping.from_config(es, (state or {}).get("early_stopping")) if es is not None else None
+
     def save(step: int) -> None:
         checkpoint.save(engine, ckpt_dir, step, {"step": step, "plan": [plan.micro_batch_size, plan.grad_accum,
-                        plan.world_size]}, cfg.checkpoint.keep_last, world.rank)
+                        plan.world_size], "early_stopping": best.state() if best else None},
+                        cfg.checkpoint.keep_last, world.rank)
+
+    def save_best(step: int) -> None:  # the best evaluation so far, in its own folder until beaten
+        checkpoint.save(engine, ckpt_dir / "best", step, {"step": step}, 1, world.rank)
 
     loop = Run(cfg=cfg, world=world, plan=plan, engine=engine, train_ds=train_ds, eval_ds=eval_ds,
                pad_id=tok.pad_token_id, total_steps=total_steps, monitor=monitor,
                flops_per_token=flops_per_token(n_params, n_trainable, getattr(mcfg, "num_hidden_layers", 0),
                                                getattr(mcfg, "hidden_size", 0), cfg.data.max_length),
                peak_tflops=peak_tflops(cfg.logging.peak_tflops),
-               save=save, should_stop=lambda: stopper.requested(world.device))
+               save=save, should_stop=lambda: stopper.requested(world.device),
+               task=task, best=best, save_best=save_best)
     status = train(loop, start_step)
-    result = {"status": status, "total_steps": total_steps}
+    last_step = total_steps
+    if status == "early_stopped":
+        status, last_step = "done", best.stopped_step
+    result = {"status": status, "total_steps": total_steps, "last_step": last_step}
     if status == "done":
-        if eval_ds is not None:
-            ev = evaluate(loop)
-            monitor.log(total_steps, ev)
+        if eval_ds is not None and last_step == total_steps:
+            ev = evaluate(loop, last_step)
+            monitor.log(last_step, ev)
             result.update(ev)
+            if best is not None and best.update(last_step, ev).improved:
+                save_best(last_step)
             if world.is_main:
-                print(f"final eval: loss {ev['eval/loss']:.4f} ppl {ev['eval/ppl']:.2f}", flush=True)
-        if checkpoint.latest_tag(ckpt_dir) != checkpoint.tag_for(total_steps):
-            save(total_steps)
+                print(f"final eval: {task.describe(ev)}", flush=True)
+        if checkpoint.latest_tag(ckpt_dir) != checkpoint.tag_for(last_step):
+            save(last_step)
+        if best is not None and best.best_step is not None:
+            if best.best_step != last_step:  # the export gets the best evaluation's weights
+                checkpoint.resume(engine, ckpt_dir / "best", world.rank)
+                result.update(evaluate(loop, best.best_step))
+            result.update(best_step=best.best_step, best_metric=best.metric, best_value=best.best_value)
+        report = tasks.publish_report(run_dir, result.get("best_step", last_step)) if world.is_main else None
         if cfg.checkpoint.export:
             checkpoint.export_hf(engine, tok, run_dir / "export", cfg.zero.stage)
     monitor.close()
     if world.is_main and status == "done":
         png = plot_loss_curve(run_dir)
         (run_dir / DONE_FILE).write_text(json.dumps(result) + "\n")
-        print(f"\nfinished {total_steps} steps in {run_dir}\n"
+        if report is not None:
+            print(f"\nclassification report of the exported model (step {result.get('best_step', last_step)}):\n"
+                  f"{report.read_text()}", flush=True)
+        print(f"\nfinished {last_step} steps in {run_dir}"
+              + (f" (early stopping: planned {total_steps})" if last_step != total_steps else "") + "\n"
+              + (f"  {best.summary()} -> exported\n" if best is not None else "")
+              + (f"  classification report: {report} (confusion matrix beside it)\n" if report else "") +
               f"  TensorBoard:  tensorboard --logdir {run_dir / 'tb'}\n"
               f"  loss curve:   {png}\n"
               f"  checkpoints:  {ckpt_dir} (latest: {checkpoint.latest_tag(ckpt_dir)})\n"

@@ -24,11 +24,16 @@ def load_tokenizer(m: ModelConfig):
     return tok
 
 
-def build_model(m: ModelConfig, ds_config: dict[str, Any], dtype: str):
+def build_model(m: ModelConfig, ds_config: dict[str, Any], dtype: str, task=None):
     """Returns (model, hf_ds_config_handle). Under ZeRO-3, from_pretrained loads straight into
-    partitions (transformers' HfDeepSpeedConfig must stay alive while the model exists)."""
+    partitions (transformers' HfDeepSpeedConfig must stay alive while the model exists).
+    ``task`` (trainer/tasks.py) picks the Auto class and the labels (num_labels, id2label,
+    label2id: saved in the model config); None = causal LM."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    auto = task.auto_class() if task is not None else AutoModelForCausalLM
+    labels = task.model_kwargs() if task is not None else {}
 
     handle = None
     if ds_config["zero_optimization"]["stage"] == 3 and m.name_or_path is not None:
@@ -40,13 +45,13 @@ def build_model(m: ModelConfig, ds_config: dict[str, Any], dtype: str):
         if not Path(m.name_or_path).is_dir():
             raise ModelError(f"'model.name_or_path' = {m.name_or_path!r} is not a local folder; models load "
                              "offline here, so point it at a save_pretrained folder")
-        model = AutoModelForCausalLM.from_pretrained(m.name_or_path, dtype=torch_dtype)
+        model = auto.from_pretrained(m.name_or_path, dtype=torch_dtype, **labels)
     else:
         cfg = dict(m.config)
         model_type = cfg.pop("model_type", None)
         if model_type is None:
             raise ModelError("'model.config' needs a 'model_type' (e.g. llama); see examples/tiny-sft.yaml")
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg))
+        model = auto.from_config(AutoConfig.for_model(model_type, **{**cfg, **labels}))
     if m.gradient_checkpointing:
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
