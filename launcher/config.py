@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from launcher.batch import batch_problems
 from launcher.errors import ConfigError  # noqa: F401  (re-exported)
+from launcher.slurm import slurm_problems
 
 
 class _Section(BaseModel):
@@ -122,6 +123,8 @@ class SlurmConfig(_Section):
     max_requeues: int = Field(3, ge=0)
     # Shell lines run before launch: module loads, venv/conda activation, NCCL variables.
     env_setup: list[str] = []
+    # Python on the compute nodes; None = the interpreter running `python -m launcher`.
+    python: Optional[str] = None
 
 
 # Metrics each task logs (as eval/<name>); early_stopping.metric must be one of them, or a
@@ -354,6 +357,7 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
         p.append(f"'train.warmup_steps' = {cfg.train.warmup_steps} exceeds 'train.max_steps' = "
                  f"{cfg.train.max_steps}; lower the warmup")
     p += task_problems(cfg)
+    p += slurm_problems(cfg)
     p += batch_problems(cfg.train.micro_batch_size, cfg.train.grad_accum,
                         cfg.train.global_batch_size, cfg.world_size)
     return p

@@ -1,0 +1,210 @@
+"""``python -m launcher``: validate, render, submit (sbatch) or run (deepspeed) a fine-tuning run.
+
+    python -m launcher validate CONFIG [key=value ...]
+    python -m launcher render   CONFIG [key=value ...] [--out RUN_DIR]
+    python -m launcher submit   CONFIG [key=value ...] [--out RUN_DIR] [--dry-run]
+    python -m launcher run      CONFIG [key=value ...] [--nnodes N --node-rank I --master-addr HOST]
+    python -m launcher render-presets [--check]     (ds_configs/*.json, slurm/finetune.sh)
+    python -m launcher job-facts CONFIG [key=value ...]   (used by the batch script)
+
+Exit codes: 0 = OK, 2 = a problem with the config (every problem is listed), 1 = a command failed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+from launcher.config import ConfigError, RunConfig
+
+REPO = Path(__file__).resolve().parent.parent
+EXIT_USER_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m launcher", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(name: str, help: str) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, help=help)
+        s.add_argument("config", help="run config YAML")
+        s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4")
+        return s
+
+    with_config("validate", "check a config; print every problem, or a summary of the plan")
+    r = with_config("render", "write RUN_DIR/{config.yaml,ds_config.json,finetune.sh}")
+    r.add_argument("--out", help="run dir to write (sets run_dir)")
+    s = with_config("submit", "validate, render and sbatch")
+    s.add_argument("--out", help="run dir (sets run_dir)")
+    s.add_argument("--dry-run", action="store_true", help="print the batch script and the sbatch command only")
+    run = with_config("run", "run on this machine through the deepspeed launcher")
+    run.add_argument("--out", help="run dir (sets run_dir)")
+    run.add_argument("--nnodes", type=int, default=1, help="nodes in all, when starting each node by hand")
+    run.add_argument("--node-rank", type=int, default=0, help="this node's rank, 0..nnodes-1")
+    run.add_argument("--master-addr", default=None, help="address of node 0 (needed when --nnodes > 1)")
+    run.add_argument("--master-port", type=int, default=None, help="port on node 0 (default: a free one, "
+                     "or 29500 with --nnodes > 1)")
+    run.add_argument("--dry-run", action="store_true", help="print the command only")
+    pr = sub.add_parser("render-presets", help="regenerate ds_configs/*.json and slurm/finetune.sh")
+    pr.add_argument("--check", action="store_true", help="only report files that differ (exit 1)")
+    with_config("job-facts", "print RUN_DIR, PROCS_PER_NODE, MAX_REQUEUES as shell assignments")
+    return p
+
+
+def _load(args, allow_done: bool = False) -> RunConfig:
+    from launcher.checks import load_checked
+
+    return load_checked(args.config, args.overrides, getattr(args, "out", None), allow_done=allow_done)
+
+
+def _plan(args, cfg: RunConfig):
+    from launcher.plan import make_plan
+
+    return make_plan(cfg, args.config, args.overrides, Path.cwd(), sys.executable, str(REPO))
+
+
+def _script_problems(plan) -> list[str]:
+    from launcher import io
+
+    return io.bash_syntax_problems(plan.files[plan.script])
+
+
+def cmd_validate(args) -> int:
+    from launcher.memory import count_params
+    from launcher.plan import summary
+
+    cfg = _load(args, allow_done=True)
+    problems = _script_problems(_plan(args, cfg))
+    if problems:
+        raise ConfigError(problems, args.config)
+    n, source, hf = count_params(cfg.model.name_or_path, cfg.model.config)
+    print(f"OK: {args.config}")
+    for line in summary(cfg, n, source, hf):
+        print(f"  {line}")
+    return 0
+
+
+def cmd_render(args) -> int:
+    from launcher import io
+
+    cfg = _load(args, allow_done=True)
+    plan = _plan(args, cfg)
+    problems = _script_problems(plan)
+    if problems:
+        raise ConfigError(problems, args.config)
+    io.write_files(plan.files, executable=(plan.script,))
+    for path in plan.files:
+        print(f"wrote {path}")
+    return 0
+
+
+def _shell_line(argv: list[str]) -> str:
+    from launcher.slurm import q
+
+    return " ".join(q(a) for a in argv)
+
+
+def cmd_submit(args) -> int:
+    from launcher import io
+
+    cfg = _load(args)
+    plan = _plan(args, cfg)
+    problems = _script_problems(plan)
+    if problems:
+        raise ConfigError(problems, args.config)
+    if args.dry_run:
+        print(f"# --dry-run: nothing written, nothing submitted. Would write: "
+              f"{', '.join(str(p) for p in plan.files)}\n# {plan.script}:")
+        print(plan.files[plan.script])
+        print(f"# sbatch command (run from {Path.cwd()}):\n{_shell_line(plan.sbatch)}")
+        return 0
+    io.write_files(plan.files, executable=(plan.script,))
+    job = io.submit(plan.sbatch, Path.cwd())
+    d = cfg.dist
+    out = plan.run_dir / f"slurm-{job}"
+    print(f"submitted job {job}: {d.nodes} node(s) x {d.procs_per_node} rank(s); run dir {plan.run_dir}\n"
+          f"  stdout:      {out}.out\n"
+          f"  stderr:      {out}.err\n"
+          f"  status:      squeue -j {job}   (or: scontrol show job {job})\n"
+          f"  TensorBoard: tensorboard --logdir {_shell_line([str(plan.run_dir / 'tb')])}\n"
+          f"  checkpoint + requeue now: scancel --signal={cfg.slurm.signal} --batch {job}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from launcher import io
+    from launcher.plan import deepspeed_argv, render_hostfile
+
+    if args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
+        raise ConfigError([f"--node-rank {args.node_rank} must be in 0..{args.nnodes - 1} (--nnodes {args.nnodes})"],
+                          "the command line")
+    if args.nnodes > 1 and not args.master_addr:
+        raise ConfigError(["--nnodes > 1 needs --master-addr (the address of node 0, reachable from every node)"],
+                          "the command line")
+    cfg = _load(args)
+    plan = _plan(args, cfg)
+    port = args.master_port or (io.free_port() if args.nnodes == 1 else 29500)
+    deepspeed = Path(sys.executable).with_name("deepspeed")
+    argv = deepspeed_argv(plan, str(deepspeed) if deepspeed.exists() else "deepspeed", port, args.nnodes,
+                          args.node_rank, args.master_addr)
+    if args.dry_run:
+        print(_shell_line(argv))
+        return 0
+    files = dict(plan.files)
+    if args.nnodes > 1:
+        files[plan.hostfile] = render_hostfile(args.nnodes, cfg.dist.procs_per_node)
+    io.write_files(files, executable=(plan.script,))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    print(f"running: {_shell_line(argv)}", flush=True)
+    io.exec_command(argv, env)
+    return 1  # not reached
+
+
+def cmd_render_presets(args) -> int:
+    from launcher import io
+    from launcher.plan import render_presets
+
+    files = {REPO / rel: text for rel, text in render_presets().items()}
+    stale = [p for p, text in files.items() if io.read_text(p) != text]
+    if args.check:
+        for p in stale:
+            print(f"out of date: {p.relative_to(REPO)}")
+        return 1 if stale else 0
+    io.write_files(files, executable=(REPO / "slurm" / "finetune.sh",))
+    for p in files:
+        print(f"{'wrote' if p in stale else 'unchanged'} {p.relative_to(REPO)}")
+    return 0
+
+
+def cmd_job_facts(args) -> int:
+    from launcher.slurm import shell_assignments
+
+    cfg = _load(args, allow_done=True)
+    sys.stdout.write(shell_assignments({"RUN_DIR": cfg.run_dir, "PROCS_PER_NODE": cfg.dist.procs_per_node,
+                                        "MAX_REQUEUES": cfg.slurm.max_requeues}))
+    return 0
+
+
+COMMANDS = {"validate": cmd_validate, "render": cmd_render, "submit": cmd_submit, "run": cmd_run,
+            "render-presets": cmd_render_presets, "job-facts": cmd_job_facts}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from launcher.io import LaunchError
+
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except LaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

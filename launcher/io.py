@@ -1,0 +1,62 @@
+"""The one module of the launcher that writes files and starts processes (plan.py decides what)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+
+class LaunchError(RuntimeError):
+    """A command outside our control failed (sbatch, bash); the message says what to do."""
+
+
+def write_files(files: dict[Path, str], executable: tuple[Path, ...] = ()) -> None:
+    """Write each file atomically (a reader never sees half a file), creating folders."""
+    for path, text in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        if path in executable:
+            tmp.chmod(0o755)
+        os.replace(tmp, path)
+
+
+def read_text(path: Path) -> Optional[str]:
+    return path.read_text() if path.is_file() else None
+
+
+def bash_syntax_problems(script: str) -> list[str]:
+    """``bash -n`` on a rendered script (env_setup lines are the user's shell code)."""
+    p = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
+    if p.returncode:
+        return [f"the rendered batch script is not valid bash ({p.stderr.strip()}); check slurm.env_setup"]
+    return []
+
+
+def submit(argv: list[str], cwd: Path) -> str:
+    """Run sbatch --parsable; returns the job id."""
+    try:
+        p = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=120)
+    except FileNotFoundError:
+        raise LaunchError("sbatch is not on PATH: run this on a Slurm login node (or use "
+                          "`python -m launcher run` on this machine)") from None
+    if p.returncode:
+        raise LaunchError(f"sbatch failed (exit {p.returncode}): {p.stderr.strip() or p.stdout.strip()}")
+    return p.stdout.strip().split(";")[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def exec_command(argv: list[str], env: dict[str, str]) -> None:
+    """Replace this process with ``argv`` (Ctrl-C and signals reach the launcher directly)."""
+    try:
+        os.execvpe(argv[0], argv, env)
+    except FileNotFoundError:
+        raise LaunchError(f"{argv[0]!r} was not found; install deepspeed (pip install -e .) or activate the "
+                          "project's virtual environment") from None

@@ -1,0 +1,234 @@
+"""The Slurm batch script, rendered from the run config. Pure: strings in, a string out.
+
+Shell safety is one helper, :func:`q` (``shlex.quote``): every value that comes from the user and
+lands in shell code goes through it. ``#SBATCH`` lines are not shell (sbatch parses them itself and
+expands nothing), so a value is written there only when it is plainly safe (:func:`directive_safe`);
+any other value (a job name with a quote, a run dir with a newline) goes on the sbatch command line
+instead, as one argv element, where no parser can split it.
+
+The script derives the world from Slurm at run time (``SLURM_JOB_NUM_NODES``, ``SLURM_NODEID``,
+``SLURM_GPUS_ON_NODE``), so ``sbatch --nodes=4 finetune.sh CONFIG`` works with any script.
+"""
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:  # launcher/config.py imports slurm_problems from here
+    from launcher.config import RunConfig
+
+OUT_NAME = "slurm-%j.out"
+ERR_NAME = "slurm-%j.err"
+_DIRECTIVE_SAFE = re.compile(r"[A-Za-z0-9._/:@+=,%-]+")
+
+
+def q(value: object) -> str:
+    """The one shell-quoting helper: any string -> one shell word that means exactly that string."""
+    return shlex.quote(str(value))
+
+
+def comment(text: str) -> str:
+    """Text for one comment line: a newline in a hostile path must not end the comment."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def directive_safe(value: str) -> bool:
+    """True when ``#SBATCH --opt=value`` carries ``value`` unchanged (no spaces, quotes, #, newlines)."""
+    return bool(_DIRECTIVE_SAFE.fullmatch(value))
+
+
+def slurm_filename(path: str) -> str:
+    """A literal path as a Slurm filename pattern (``%`` starts a substitution there)."""
+    return path.replace("%", "%%")
+
+
+def slurm_problems(cfg: "RunConfig") -> list[str]:
+    """Cross-field rules of the slurm section (part of cross_field_problems). Pure."""
+    s, d, p = cfg.slurm, cfg.dist, []
+    if s.signal_lead_s >= s.time_min * 60:
+        p.append(f"'slurm.signal_lead_s' = {s.signal_lead_s} is not shorter than the time limit 'slurm.time_min' = "
+                 f"{s.time_min} min ({s.time_min * 60} s), so the job would be told to stop before it trains; "
+                 f"raise slurm.time_min or lower slurm.signal_lead_s")
+    if s.gpus_per_node and s.gpus_per_node != d.procs_per_node:
+        p.append(f"'slurm.gpus_per_node' = {s.gpus_per_node} but 'dist.procs_per_node' = {d.procs_per_node}: the job "
+                 f"starts one rank per GPU, a world of {d.nodes} x {s.gpus_per_node} = {d.nodes * s.gpus_per_node}, "
+                 f"not the {cfg.world_size} the batch math plans; set dist.procs_per_node={s.gpus_per_node} (or "
+                 "leave slurm.gpus_per_node unset; 0 = CPU-only nodes)")
+    if not s.job_name.strip():
+        p.append("'slurm.job_name' is empty; give the job a name (e.g. slurm.job_name=finetune)")
+    for key in ("partition", "account", "qos", "constraint", "python"):
+        value = getattr(s, key)
+        if value is not None and not value.strip():
+            p.append(f"'slurm.{key}' = {value!r} is empty; remove the key to use the default")
+    return p
+
+
+def sbatch_options(cfg: RunConfig, out_dir: Optional[str]) -> list[tuple[str, str]]:
+    """(option, value) pairs for the batch script; ``out_dir`` None = the submit directory."""
+    s, d = cfg.slurm, cfg.dist
+    gpus = d.procs_per_node if s.gpus_per_node is None else s.gpus_per_node
+    opts = [("job-name", s.job_name), ("nodes", str(d.nodes)), ("ntasks-per-node", "1")]
+    if gpus > 0:
+        opts.append(("gpus-per-node", str(gpus)))
+    opts.append(("cpus-per-task", str(s.cpus_per_task)))
+    if s.mem_gb is not None:
+        opts.append(("mem", f"{s.mem_gb}G"))
+    opts.append(("time", str(s.time_min)))
+    for key in ("partition", "account", "qos", "constraint"):
+        value = getattr(s, key)
+        if value is not None:
+            opts.append((key, value))
+    prefix = "" if out_dir is None else slurm_filename(out_dir.rstrip("/") + "/")
+    opts += [("output", prefix + OUT_NAME), ("error", prefix + ERR_NAME),
+             ("signal", f"B:{s.signal}@{s.signal_lead_s}"), ("requeue", ""), ("open-mode", "append")]
+    return opts
+
+
+def _option(name: str, value: str) -> str:
+    return f"--{name}" if value == "" else f"--{name}={value}"
+
+
+def sbatch_argv(options: list[tuple[str, str]], script: str, script_args: list[str]) -> list[str]:
+    """The sbatch command: options that cannot be ``#SBATCH`` lines, then the script and its args."""
+    extra = [_option(k, v) for k, v in options if not directive_safe(v) and v != ""]
+    return ["sbatch", "--parsable", *extra, script, *script_args]
+
+
+@dataclass(frozen=True)
+class ScriptSpec:
+    options: list[tuple[str, str]]
+    regenerate: str  # the command that writes this file again (the header names it)
+    python: str  # interpreter on the compute nodes
+    repo: Optional[str]  # folder holding `trainer/` and `launcher/`; None = the submit directory
+    config: Optional[str] = None  # CONFIG when the script is started without arguments
+    env_setup: list[str] = field(default_factory=list)
+
+
+def render_script(spec: ScriptSpec) -> str:
+    """The batch script. Every user value is either a safe ``#SBATCH`` value or ``q()``-quoted."""
+    directives = []
+    for name, value in spec.options:
+        if value == "" or directive_safe(value):
+            directives.append(f"#SBATCH {_option(name, value)}")
+        else:
+            directives.append(f"# --{name}: not representable in an #SBATCH line; "
+                              "`python -m launcher submit` passes it on the sbatch command line")
+    repo = '"$SLURM_SUBMIT_DIR"' if spec.repo is None else q(spec.repo)
+    env_setup = "\n".join(spec.env_setup) if spec.env_setup else "# (slurm.env_setup is empty)"
+    default_config = q(spec.config) if spec.config is not None else "''"
+    return _TEMPLATE.format(regenerate=comment(spec.regenerate), directives="\n".join(directives),
+                            default_config=default_config, env_setup=env_setup, repo=repo,
+                            python=q(spec.python))
+
+
+def shell_assignments(values: dict[str, object]) -> str:
+    """``NAME=value`` lines that bash can ``eval`` safely (what ``launcher job-facts`` prints)."""
+    for name in values:
+        assert re.fullmatch(r"[A-Z_][A-Z0-9_]*", name), name
+    return "".join(f"{name}={q(value)}\n" for name, value in values.items())
+
+
+# Braces for str.format are doubled where bash needs them.
+_TEMPLATE = """\
+#!/bin/bash
+# Generated by: {regenerate}
+# Do not edit: change the run config (or the renderer in launcher/slurm.py) and run that command again.
+#
+#   sbatch [--nodes=N --gpus-per-node=G ...] finetune.sh [CONFIG] [key=value ...]
+#
+# One srun task per node starts that node's ranks with torchrun (static rendezvous on the first
+# node, port 20000 + job id % 20000). The world is read from Slurm at run time: nodes from
+# SLURM_JOB_NUM_NODES, ranks per node from SLURM_GPUS_ON_NODE (or dist.procs_per_node on CPU nodes).
+# Preemption: the signal below (or `scancel --signal=USR2 --batch JOBID`) reaches this shell, which
+# drops RUN_DIR/STOP; every rank checkpoints at the next optimizer step and exits; the job then
+# requeues itself while SLURM_RESTART_COUNT < slurm.max_requeues and resumes from `latest`.
+{directives}
+set -uo pipefail
+
+DEFAULT_CONFIG={default_config}
+CONFIG=${{1:-$DEFAULT_CONFIG}}
+[ $# -gt 0 ] && shift
+OVERRIDES=("$@")
+if [ -z "$CONFIG" ] || [ -z "${{SLURM_JOB_ID:-}}" ]; then
+  echo "usage: sbatch finetune.sh CONFIG [key=value ...]   (it must run under sbatch)" >&2
+  exit 2
+fi
+
+# ---- environment (slurm.env_setup) ----
+{env_setup}
+# ---- end of environment ----
+export PYTHONPATH={repo}${{PYTHONPATH:+:$PYTHONPATH}}
+PYTHON={python}
+
+# RUN_DIR, PROCS_PER_NODE, MAX_REQUEUES from the validated config, each value shell-quoted.
+facts=$("$PYTHON" -m launcher job-facts "$CONFIG" "${{OVERRIDES[@]}}") || exit 2
+eval "$facts"
+
+echo "[finetune] job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}) on $SLURM_JOB_NODELIST; run dir: $RUN_DIR"
+if [ -e "$RUN_DIR/DONE" ]; then
+  echo "[finetune] the run already finished ($RUN_DIR/DONE); nothing to do"
+  exit 0
+fi
+
+stop_requested=0
+interrupted=0
+request_stop() {{
+  stop_requested=1
+  interrupted=1
+  echo "[finetune] SIG$1 received: every rank checkpoints at its next optimizer step"
+  touch "$RUN_DIR/STOP"
+}}
+trap 'request_stop USR1' USR1
+trap 'request_stop USR2' USR2
+
+HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+PORT=$((20000 + SLURM_JOB_ID % 20000))
+NNODES=$SLURM_JOB_NUM_NODES
+if [ "${{SLURM_GPUS_ON_NODE:-0}}" -gt 0 ]; then
+  NPROC=$SLURM_GPUS_ON_NODE
+else
+  NPROC=$PROCS_PER_NODE
+  threads=$(( ${{SLURM_CPUS_PER_TASK:-$NPROC}} / NPROC ))
+  export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-$(( threads > 0 ? threads : 1 ))}}
+fi
+echo "[finetune] $NNODES node(s) x $NPROC rank(s); rendezvous $HEAD_NODE:$PORT"
+
+# bash runs traps only between commands, so srun runs in the background and we wait for it.
+srun --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \\
+  ${{SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"}} \\
+  bash -c 'exec "$0" -m torch.distributed.run --node-rank="$SLURM_NODEID" "$@"' "$PYTHON" \\
+  --nnodes="$NNODES" --nproc-per-node="$NPROC" --master-addr="$HEAD_NODE" --master-port="$PORT" \\
+  -m trainer.main --config "$CONFIG" "${{OVERRIDES[@]}}" &
+srun_pid=$!
+while :; do
+  interrupted=0
+  wait "$srun_pid"
+  rc=$?
+  [ "$interrupted" = 1 ] || break  # a trapped signal ended `wait` early: srun is still running
+done
+
+if [ -e "$RUN_DIR/DONE" ]; then
+  echo "[finetune] finished: $RUN_DIR"
+  exit 0
+fi
+if [ "$rc" -ne 0 ]; then
+  echo "[finetune] training failed (exit $rc); complete checkpoints stay in $RUN_DIR/checkpoints" >&2
+  exit "$rc"
+fi
+if [ "$stop_requested" = 1 ]; then
+  restarts=${{SLURM_RESTART_COUNT:-0}}
+  if [ "$restarts" -lt "$MAX_REQUEUES" ]; then
+    echo "[finetune] checkpointed; requeueing (restart $((restarts + 1)) of at most $MAX_REQUEUES)"
+    scontrol requeue "$SLURM_JOB_ID" && exit 0
+    echo "[finetune] scontrol requeue failed; submit the job again to resume" >&2
+    exit 1
+  fi
+  echo "[finetune] checkpointed, but the job was requeued $restarts time(s) already" \\
+       "(slurm.max_requeues=$MAX_REQUEUES); submit it again to resume" >&2
+  exit 1
+fi
+echo "[finetune] stopped by $RUN_DIR/STOP before the end; submit the job again to resume"
+exit 0
+"""
