@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from launcher.batch import batch_problems
 from launcher.errors import ConfigError  # noqa: F401  (re-exported)
+from launcher.method_config import MethodConfig, method_problems
 from launcher.slurm import slurm_problems
 
 
@@ -62,7 +63,11 @@ class TrainConfig(_Section):
     scheduler: Literal["linear", "cosine", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
     grad_clip: float = Field(1.0, ge=0)
-    optimizer: Literal["adamw"] = "adamw"
+    # adamw: torch AdamW (DeepSpeed CPU Adam under optimizer offload); deepspeed_adamw: FusedAdam /
+    # DeepSpeedCPUAdam; the rest are bitsandbytes 8-bit optimizers (see docs/methods.md).
+    optimizer: Literal["adamw", "deepspeed_adamw", "adamw8bit", "adam8bit", "paged_adamw8bit", "lion8bit"] = "adamw"
+    # Opt-in: a bitsandbytes optimizer with zero.offload_optimizer (its step then runs on the CPU; slow).
+    allow_bnb_offload: bool = False
     eval_every: int = Field(0, ge=0)  # 0 = only at the end
     eval_max_batches: int = Field(0, ge=0)  # 0 = whole eval split
 
@@ -203,6 +208,7 @@ class RunConfig(_Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
     slurm: SlurmConfig = SlurmConfig()
+    method: MethodConfig = MethodConfig()
     task: TaskConfig = TaskConfig()
 
     @property
@@ -357,6 +363,7 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
         p.append(f"'train.warmup_steps' = {cfg.train.warmup_steps} exceeds 'train.max_steps' = "
                  f"{cfg.train.max_steps}; lower the warmup")
     p += task_problems(cfg)
+    p += method_problems(cfg)
     p += slurm_problems(cfg)
     p += batch_problems(cfg.train.micro_batch_size, cfg.train.grad_accum,
                         cfg.train.global_batch_size, cfg.world_size)

@@ -10,7 +10,9 @@ from launcher.batch import BatchPlan
 from launcher.config import RunConfig
 from trainer import data as D
 from trainer.dist import World, all_reduce_sum
+from trainer.methods import StepHooks
 from trainer.monitor import Monitor, memory_gb
+from trainer.optim import group_lrs
 from trainer.tasks import CausalLM, report_dir
 
 
@@ -34,6 +36,7 @@ class Run:
     task: Any = field(default_factory=CausalLM)
     best: Any = None  # trainer/early_stop.py EarlyStopping, or None (the export is the last step)
     save_best: Optional[Callable[[int], None]] = None  # checkpoint the best evaluation so far
+    hooks: StepHooks = field(default_factory=StepHooks)  # trainer/methods.py: per-step calls (AdaLoRA)
 
 
 def lm_loss_sum(engine, batch: dict, device: str):
@@ -87,6 +90,7 @@ def train(run: Run, start_step: int) -> str:
     for step in range(start_step, run.total_steps):
         t0 = time.perf_counter()
         lr = engine.get_lr()[0]
+        group_lr = group_lrs(engine.optimizer)  # per parameter group: layer-wise decay, unfreezing
         windows = D.window_indices(n, w.world_size, w.rank, cfg.seed, plan.micro_batch_size, plan.grad_accum, step)
         batches = [run.task.fetch(run.train_ds, idx, run.pad_id) for idx in windows]
         # Normalise by the targets (LM: target tokens; classification: labelled examples or tokens)
@@ -99,8 +103,11 @@ def train(run: Run, start_step: int) -> str:
         for batch in batches:
             loss = run.task.loss_sum(engine, batch, w.device)
             engine.backward(loss * scale)
+            if batch is batches[-1]:
+                run.hooks.before_step(step)  # the step's gradients are complete (AdaLoRA reads them)
             engine.step()
             loss_sum += loss.item()
+        run.hooks.after_step(step)
         loss = all_reduce_sum(loss_sum, w.device) / n_target
         dt = time.perf_counter() - t0
         done = step + 1
@@ -117,6 +124,7 @@ def train(run: Run, start_step: int) -> str:
             metrics["train/mfu"] = run.flops_per_token * tokens_all / dt / (run.peak_tflops * 1e12 * w.world_size)
         mem_tag, mem = memory_gb(w.device)
         metrics[mem_tag] = mem
+        metrics.update(group_lr)
         verdict = None
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < run.total_steps and run.eval_ds is not None:
             metrics.update(evaluate(run, done))

@@ -112,12 +112,15 @@ def run(cfg: RunConfig, world) -> dict:
     from trainer.loop import Run, evaluate, train
     from trainer.model import build_model, count_params, load_tokenizer
     from trainer.monitor import Monitor, flops_per_token, peak_tflops, plot_loss_curve
+    from trainer.adapters import export_peft
+    from trainer.methods import apply_method, check_method_device, load_kwargs
     from trainer.optim import build_optimizer, build_scheduler
     from trainer.stop import STOP_FILE, Stopper
 
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
     check_device(cfg, world.is_cuda)
+    check_method_device(cfg, world.is_cuda)
     if (run_dir / DONE_FILE).exists():
         if world.is_main:
             print(f"run already finished ({run_dir / DONE_FILE}); nothing to do. Use a new run_dir to train again.")
@@ -133,10 +136,11 @@ def run(cfg: RunConfig, world) -> dict:
     train_ds, eval_ds, task = prepare_data(cfg, tok, world)
     total_steps = total_steps_for(cfg, len(train_ds), plan)
     set_seed(cfg.seed)  # same initial weights whatever the data preparation consumed
-    model, _zero3_handle = build_model(cfg.model, ds_config, cfg.precision.dtype, task)
+    model, _zero3_handle = build_model(cfg.model, ds_config, cfg.precision.dtype, task, load_kwargs(cfg, world.device))
+    model, method = apply_method(model, cfg, total_steps)  # what trains: an adapter, some blocks, all
     n_params, n_trainable = count_params(model)
-    optimizer = build_optimizer(model, t, offload=cfg.zero.offload_optimizer)
-    scheduler = build_scheduler(optimizer, t, total_steps)
+    optimizer = build_optimizer(model, t, offload=cfg.zero.offload_optimizer, groups=method.groups)
+    scheduler = build_scheduler(optimizer, t, total_steps, cfg.method.unfreeze_every_steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
 
@@ -156,6 +160,7 @@ def run(cfg: RunConfig, world) -> dict:
         print(f"world {world.world_size} ranks on {len({i['node_rank'] for i in infos})} node(s); global batch "
               f"{plan.global_batch_size} = micro {plan.micro_batch_size} x accum {plan.grad_accum} x world "
               f"{plan.world_size}; {total_steps} steps; params {n_params:,} ({n_trainable:,} trainable)", flush=True)
+        print("\n  ".join([method.summary(), *method.notes]), flush=True)
     torch.distributed.barrier()
 
     state = checkpoint.resume(engine, ckpt_dir, world.rank) if cfg.checkpoint.resume else None
@@ -166,6 +171,7 @@ def run(cfg: RunConfig, world) -> dict:
     mcfg = engine.module.config
     monitor = Monitor(run_dir, world.is_main, cfg.logging.tensorboard)
     stopper = Stopper(run_dir)
+    monitor.log(start_step, {"model/trainable_params": method.n_trainable, "model/trainable_fraction": method.fraction})
 
     es = cfg.task.early_stopping
     best = EarlyStopping.from_config(es, (state or {}).get("early_stopping")) if es is not None else None
@@ -184,7 +190,7 @@ def run(cfg: RunConfig, world) -> dict:
                                                getattr(mcfg, "hidden_size", 0), cfg.data.max_length),
                peak_tflops=peak_tflops(cfg.logging.peak_tflops),
                save=save, should_stop=lambda: stopper.requested(world.device),
-               task=task, best=best, save_best=save_best)
+               task=task, best=best, save_best=save_best, hooks=method.hooks)
     status = train(loop, start_step)
     last_step = total_steps
     if status == "early_stopped":
@@ -207,7 +213,9 @@ def run(cfg: RunConfig, world) -> dict:
                 result.update(evaluate(loop, best.best_step))
             result.update(best_step=best.best_step, best_metric=best.metric, best_value=best.best_value)
         report = tasks.publish_report(run_dir, result.get("best_step", last_step)) if world.is_main else None
-        if cfg.checkpoint.export:
+        if cfg.checkpoint.export and method.is_peft:
+            export_peft(engine, tok, cfg, run_dir)  # run_dir/adapter, + run_dir/export merged on request
+        elif cfg.checkpoint.export:
             checkpoint.export_hf(engine, tok, run_dir / "export", cfg.zero.stage)
     monitor.close()
     if world.is_main and status == "done":

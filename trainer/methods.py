@@ -100,11 +100,7 @@ def peft_config(cfg: RunConfig, task_type: str, total_steps: int, model_type: st
     if m.name == "adalora":
         a = m.adalora
         tinit, tfinal = int(a.warmup_fraction * total_steps), int(a.final_fraction * total_steps)
-        if tinit >= total_steps - tfinal:
-            raise ConfigError([f"method.name=adalora: the run has {total_steps} optimizer steps, and "
-                               f"method.adalora.warmup_fraction={a.warmup_fraction} ({tinit} steps) plus "
-                               f"final_fraction={a.final_fraction} ({tfinal} steps) leave none where the rank "
-                               "budget shrinks; train longer or lower the fractions"])
+        assert tinit < total_steps - tfinal  # method_config: warmup_fraction + final_fraction < 1
         # orth_reg_weight=0: peft adds the orthogonality penalty to outputs.loss, which this trainer
         # does not use (it computes the loss from the logits); see docs/methods.md.
         return peft.AdaLoraConfig(task_type=task_type, init_r=lo.r, target_r=a.target_r, lora_alpha=lo.alpha,

@@ -24,7 +24,7 @@ def load_tokenizer(m: ModelConfig):
     return tok
 
 
-def build_model(m: ModelConfig, ds_config: dict[str, Any], dtype: str, task=None):
+def build_model(m: ModelConfig, ds_config: dict[str, Any], dtype: str, task=None, load_kwargs=None):
     """Returns (model, hf_ds_config_handle). Under ZeRO-3, from_pretrained loads straight into
     partitions (transformers' HfDeepSpeedConfig must stay alive while the model exists).
     ``task`` (trainer/tasks.py) picks the Auto class and the labels (num_labels, id2label,
@@ -45,7 +45,8 @@ def build_model(m: ModelConfig, ds_config: dict[str, Any], dtype: str, task=None
         if not Path(m.name_or_path).is_dir():
             raise ModelError(f"'model.name_or_path' = {m.name_or_path!r} is not a local folder; models load "
                              "offline here, so point it at a save_pretrained folder")
-        model = auto.from_pretrained(m.name_or_path, dtype=torch_dtype, **labels)
+        # load_kwargs: a method's extra arguments (trainer/methods.py; QLoRA's 4-bit quantization)
+        model = auto.from_pretrained(m.name_or_path, dtype=torch_dtype, **labels, **(load_kwargs or {}))
     else:
         cfg = dict(m.config)
         model_type = cfg.pop("model_type", None)
