@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from launcher.batch import batch_problems
 from launcher.errors import ConfigError  # noqa: F401  (re-exported)
-from launcher.method_config import MethodConfig, method_problems
 from launcher.slurm import slurm_problems
+from launcher.method_config import MethodConfig, method_problems
 
 
 class _Section(BaseModel):
