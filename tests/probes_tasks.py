@@ -97,3 +97,28 @@ def token_pipeline(cfg, world) -> dict:
     found = ner([" ".join(r["tokens"]) for r in rows])
     return {"entities": sorted({e["entity"] for sent in found for e in sent}),
             "id2label": {str(k): v for k, v in ner.model.config.id2label.items()}}
+
+
+def export_vs_base(cfg, world) -> dict:
+    """How far the exported weights moved from the pretrained folder, per part of the model
+    (max |difference|): what head-only / LoRA-with-head training changed and saved. Sequence
+    classifiers are also re-evaluated (export_eval)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    if not world.is_main:
+        return {}
+    export = Path(cfg.run_dir) / "export"
+    token = cfg.task.type == "token_classification"
+    auto = AutoModelForTokenClassification if token else AutoModelForSequenceClassification
+    base = auto.from_pretrained(cfg.model.name_or_path).state_dict()
+    tuned = auto.from_pretrained(str(export)).state_dict()
+    assert set(base) == set(tuned), set(base) ^ set(tuned)
+    diff: dict[str, float] = {}
+    for name, w in base.items():
+        part = next(p for p in ("classifier", "pooler", "embeddings", "encoder") if p in name)
+        diff[part] = max(diff.get(part, 0.0), (tuned[name].float() - w.float()).abs().max().item())
+    out = {"diff": diff, "id2label": AutoConfig.from_pretrained(str(export)).id2label}
+    if not token:
+        out.update(export_eval(cfg, world))
+    return out

@@ -2,8 +2,9 @@
 
 ZeRO 0 and 3 give the same loss curves (text pairs; NER with class weights); the step-1 loss
 equals the class-weight formula; early stopping stops where its rule says and the export is the
-best evaluation's weights (reloaded and re-evaluated); the pretrained MiniLM example beats its
-untrained head on held-out data and a pipeline gives label names back; bad rows are named.
+best evaluation's weights (reloaded and re-evaluated); LoRA with the head saved and head-only
+training export what they trained; the pretrained MiniLM example beats its untrained head on
+held-out data and a pipeline gives label names back; bad rows are named.
 """
 from __future__ import annotations
 
@@ -89,11 +90,26 @@ def runs(tmp_path_factory):
         sc.append({"name": f"cw-{weights}", "probe": "probes_tasks:first_step_loss_by_formula",
                    "config": cls_config(tmp / f"cw-{weights}", topics, topic_model, train={"max_steps": 1},
                                         task={"type": "sequence_classification", "class_weights": weights})})
+    early = {"zero": Z3, "data": {"eval": str(topics_eval)}, "train": {"max_steps": 30, "eval_every": 2, "lr": 2e-3},
+             "task": {"type": "sequence_classification", "early_stopping": {"metric": "eval/loss", "patience": 2}}}
     sc.append({"name": "early", "probe": "probes_tasks:export_eval", "config": cls_config(
-        tmp / "early", topics, topic_model, zero=Z3, data={"eval": str(topics_eval)},
-        task={"type": "sequence_classification",
-              "early_stopping": {"metric": "eval/loss", "patience": 2}},
-        train={"max_steps": 30, "eval_every": 2, "lr": 2e-3}, checkpoint={"export": True})})
+        tmp / "early", topics, topic_model, checkpoint={"export": True}, **early)})
+    # the same run preempted after step 3 and resumed: the early-stopping state travels in the checkpoint
+    for stop in (3, None):
+        sc.append({"name": "early-cut", "stop_at": stop, "config": cls_config(
+            tmp / "early-cut", topics, topic_model, checkpoint={"export": False}, **early)})
+    # LoRA with the classification head saved (peft modules_to_save) and head-only training
+    lora = {"name": "lora", "lora": {"r": 4, "target_modules": ["query", "value"]}, "merge_adapter": True}
+    sc.append({"name": "lora-seq-z3", "probe": "probes_tasks:export_vs_base", "config": cls_config(
+        tmp / "lora-seq-z3", topics, topic_model, zero=Z3, data={"eval": str(topics_eval)}, method=lora,
+        task={"type": "sequence_classification"}, train={"max_steps": 4, "lr": 5e-3}, checkpoint={"export": True})})
+    sc.append({"name": "lora-ner-z2", "probe": "probes_tasks:export_vs_base", "config": cls_config(
+        tmp / "lora-ner-z2", ner, ner_model, data={"eval": str(ner_eval)}, method=lora,
+        task={"type": "token_classification"}, train={"max_steps": 4, "lr": 5e-3}, checkpoint={"export": True})})
+    sc.append({"name": "head-seq-z0", "probe": "probes_tasks:export_vs_base", "config": cls_config(
+        tmp / "head-seq-z0", topics, topic_model, zero={"stage": 0}, data={"eval": str(topics_eval)},
+        method={"freeze": {"head_only": True}}, task={"type": "sequence_classification"},
+        train={"max_steps": 4, "lr": 5e-3}, checkpoint={"export": True})})
     # bad input: each fails before any model is built
     bad_eval = write_jsonl(tmp / "bad-eval.jsonl", [{"text": "Rain all week.", "label": "weather"}])
     bad_ner = write_jsonl(tmp / "bad-ner.jsonl", [{"tokens": ["Anna", "left"], "tags": ["B-PER", "O"]},
@@ -204,6 +220,30 @@ def test_early_stopping_stops_by_its_rule_and_exports_the_best_weights(runs):
     assert (tmp / "early" / "checkpoints" / "best" / "latest").read_text() == f"step{best_step:08d}"
     assert sorted(probe["id2label"].values()) == ["business", "health", "science", "sports"]
     assert (tmp / "early" / "eval" / f"step{best_step:08d}" / "classification_report.txt").exists()
+
+
+def test_early_stopping_state_survives_preemption(runs):
+    tmp, _ = runs
+    full, cut = result(tmp / "early")["result"], result(tmp / "early-cut")["result"]
+    assert (cut["last_step"], cut["best_step"]) == (full["last_step"], full["best_step"])
+    assert cut["best_value"] == pytest.approx(full["best_value"], rel=1e-6)
+    assert_curves_close(losses(tmp / "early-cut"), losses(tmp / "early"), rel=1e-6)
+
+
+def test_lora_with_the_head_and_head_only_train_and_export_the_head(runs):
+    tmp, _ = runs
+    for name in ("lora-seq-z3", "lora-ner-z2", "head-seq-z0"):
+        out = result(tmp / name)
+        diff = out["probe"]["diff"]
+        # the new head trained and is in the export; the embeddings did not move
+        assert diff["classifier"] > 1e-4 and diff["embeddings"] == 0.0, (name, diff)
+        # LoRA: the merged adapter changed the attention weights; head-only: the blocks stayed frozen
+        assert (diff["encoder"] > 1e-4) if name.startswith("lora") else (diff["encoder"] == 0.0), (name, diff)
+        labels = NER_TAGS if "ner" in name else ["business", "health", "science", "sports"]
+        assert sorted(out["probe"]["id2label"].values()) == sorted(labels)
+        if "seq" in name:  # the exported model reproduces the engine's eval
+            assert out["probe"]["eval_loss"] == pytest.approx(out["result"]["eval/loss"], rel=1e-5)
+    assert (tmp / "lora-seq-z3" / "adapter" / "adapter_config.json").exists()
 
 
 def test_bad_rows_are_named_with_file_row_and_fix(runs):

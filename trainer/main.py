@@ -222,7 +222,8 @@ def run(cfg: RunConfig, world) -> dict:
         png = plot_loss_curve(run_dir)
         (run_dir / DONE_FILE).write_text(json.dumps(result) + "\n")
         if report is not None:
-            print(f"\nclassification report of the exported model (step {result.get('best_step', last_step)}):\n"
+            print(f"\nclassification report, step {result.get('best_step', last_step)}"
+                  f"{' (the best evaluation)' if best is not None else ''}:\n"
                   f"{report.read_text()}", flush=True)
         print(f"\nfinished {last_step} steps in {run_dir}"
               + (f" (early stopping: planned {total_steps})" if last_step != total_steps else "") + "\n"
