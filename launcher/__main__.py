@@ -154,7 +154,10 @@ def cmd_run(args) -> int:
         return 0
     files = dict(plan.files)
     if args.nnodes > 1:
-        files[plan.hostfile] = render_hostfile(args.nnodes, cfg.dist.procs_per_node)
+        files[plan.hostfile] = render_hostfile(args.nnodes, cfg.dist.procs_per_node, _shell_line(
+            ["python", "-m", "launcher", "run", args.config, *args.overrides,
+             *(["--out", args.out] if args.out else []), "--nnodes", str(args.nnodes),
+             "--node-rank", str(args.node_rank), "--master-addr", args.master_addr]))
     io.write_files(files, executable=(plan.script,))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])

@@ -48,10 +48,14 @@ def run_dir_problems(cfg: RunConfig, allow_done: bool = False) -> list[str]:
     p = []
     if saved.is_file():
         try:
-            old = flatten(read_yaml(saved))
+            raw = read_yaml(saved)
         except ConfigError as e:
             return [f"run_dir {cfg.run_dir!r} holds an unreadable config.yaml ({e.problems[0]}); "
                     "choose a new run_dir"]
+        try:  # compare resolved configs, so keys a newer schema added with defaults do not count
+            old = flatten(to_dict(validate(raw, source=str(saved))))
+        except ConfigError:
+            old = flatten(raw)
         new = flatten(to_dict(cfg))
         diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
         if diff:

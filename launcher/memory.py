@@ -43,7 +43,7 @@ class MemoryEstimate:
         return self.gpu_params + self.gpu_grads + self.gpu_optim
 
     def describe(self) -> str:
-        text = (f"{human(self.gpu_total)} per GPU (params {human(self.gpu_params)} + grads {human(self.gpu_grads)} + "
+        text = (f"{human(self.gpu_total)} per rank/GPU (params {human(self.gpu_params)} + grads {human(self.gpu_grads)} + "
                 f"optimizer states {human(self.gpu_optim)}) for {self.params:,} params "
                 f"({self.trainable:,} trainable) on {self.world} rank(s)")
         if self.cpu_per_rank:

@@ -229,6 +229,10 @@ def test_a_run_dir_holding_another_run_or_a_finished_run_is_refused(tmp_path):
     path, _ = good_config(tmp_path)
     cli("render", path, cwd=tmp_path, check=0)
     load_checked(str(path), [])  # the same run again: fine (it resumes)
+    saved = read_yaml(tmp_path / "run" / "config.yaml")
+    del saved["slurm"]  # as written by an older version without that section: defaults do not count
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(saved))
+    load_checked(str(path), [])
     with pytest.raises(ConfigError) as e:
         load_checked(str(path), ["train.lr=0.5", "seed=1"])
     (msg,) = e.value.problems
@@ -318,7 +322,7 @@ def test_validate_prints_the_plan_summary(tmp_path):
     assert "up to 2,304 tokens per step (max_length 48)" in out
     psi = params_from_hf_config(TINY_LLAMA)
     per_rank = (4 * psi + 4 * psi + 8 * psi) / 4  # fp32 ZeRO-3: everything partitioned
-    assert f"{per_rank / 1024:.2f} KiB per GPU" in out and f"for {psi:,} params" in out
+    assert f"{per_rank / 1024:.2f} KiB per rank/GPU" in out and f"for {psi:,} params" in out
 
 
 def test_validate_lists_every_problem_and_exits_2(tmp_path):
