@@ -232,7 +232,7 @@ def run(cfg: RunConfig, world) -> dict:
               f"  TensorBoard:  tensorboard --logdir {run_dir / 'tb'}\n"
               f"  loss curve:   {png}\n"
               f"  checkpoints:  {ckpt_dir} (latest: {checkpoint.latest_tag(ckpt_dir)})\n"
-              + (f"  exported model (from_pretrained): {run_dir / 'export'}\n" if cfg.checkpoint.export else ""),
+              + (f"  exported model (from_pretrained): {run_dir / 'export'}\n" if (run_dir / "export").exists() else ""),
               flush=True)
     engine.destroy() if hasattr(engine, "destroy") else None
     return result

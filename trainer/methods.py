@@ -186,8 +186,8 @@ class AdaLoraSteps(StepHooks):
 
         with self._gathered(self.params):
             missing = [p for p in self.params if p.grad is None]
-            for p in missing:
-                p.grad = safe_get_full_grad(p)
+            for p in missing:  # (fp32 under bf16, on the CPU under offload: as the param for peft)
+                p.grad = safe_get_full_grad(p).to(p)
             self.model.base_model.update_and_allocate(step)
             for p in missing:
                 p.grad = None
