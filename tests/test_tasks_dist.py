@@ -98,6 +98,16 @@ def runs(tmp_path_factory):
     for stop in (3, None):
         sc.append({"name": "early-cut", "stop_at": stop, "config": cls_config(
             tmp / "early-cut", topics, topic_model, checkpoint={"export": False}, **early)})
+    # causal LM with best-checkpoint selection on perplexity (no stopping: patience null). The
+    # direction is contrived (max) so that the best is an early evaluation and the reload path runs.
+    from helpers import TOKENIZER, TINY_LLAMA, arith_rows
+
+    arith = write_jsonl(tmp / "arith.jsonl", arith_rows(64, seed=1))
+    arith_eval = write_jsonl(tmp / "arith-eval.jsonl", arith_rows(16, seed=2))
+    sc.append({"name": "lm-best", "config": tiny_config(
+        tmp / "lm-best", arith, model={"tokenizer": str(TOKENIZER), "config": dict(TINY_LLAMA)},
+        data={"eval": str(arith_eval)}, train={"max_steps": 6, "eval_every": 2},
+        task={"early_stopping": {"metric": "eval/ppl", "mode": "max"}})})
     # LoRA with the classification head saved (peft modules_to_save) and head-only training
     lora = {"name": "lora", "lora": {"r": 4, "target_modules": ["query", "value"]}, "merge_adapter": True}
     sc.append({"name": "lora-seq-z3", "probe": "probes_tasks:export_vs_base", "config": cls_config(
@@ -220,6 +230,17 @@ def test_early_stopping_stops_by_its_rule_and_exports_the_best_weights(runs):
     assert (tmp / "early" / "checkpoints" / "best" / "latest").read_text() == f"step{best_step:08d}"
     assert sorted(probe["id2label"].values()) == ["business", "health", "science", "sports"]
     assert (tmp / "early" / "eval" / f"step{best_step:08d}" / "classification_report.txt").exists()
+
+
+def test_causal_lm_best_checkpoint_is_reloaded(runs):
+    tmp, _ = runs
+    res = result(tmp / "lm-best")["result"]
+    ppl = {r["step"]: r["eval/ppl"] for r in eval_rows(tmp / "lm-best")}
+    assert sorted(ppl) == [2, 4, 6] and res["last_step"] == 6
+    assert res["best_step"] == max(ppl, key=ppl.get) and res["best_value"] == ppl[res["best_step"]]
+    assert res["best_step"] < 6, ppl  # training lowers the perplexity, so the "best" is an early step
+    # the engine was reloaded from checkpoints/best and re-evaluated: the best step's perplexity
+    assert res["eval/ppl"] == pytest.approx(res["best_value"], rel=1e-6)
 
 
 def test_early_stopping_state_survives_preemption(runs):
