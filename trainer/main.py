@@ -209,7 +209,9 @@ def run(cfg: RunConfig, world) -> dict:
             save(last_step)
         if best is not None and best.best_step is not None:
             if best.best_step != last_step:  # the export gets the best evaluation's weights
-                checkpoint.resume(engine, ckpt_dir / "best", world.rank)
+                if checkpoint.resume(engine, ckpt_dir / "best", world.rank) is None:
+                    raise RuntimeError(f"the best checkpoint (step {best.best_step}) is missing from "
+                                       f"{ckpt_dir / 'best'}; it cannot be exported")
                 result.update(evaluate(loop, best.best_step))
             result.update(best_step=best.best_step, best_metric=best.metric, best_value=best.best_value)
         report = tasks.publish_report(run_dir, result.get("best_step", last_step)) if world.is_main else None
@@ -227,7 +229,7 @@ def run(cfg: RunConfig, world) -> dict:
                   f"{report.read_text()}", flush=True)
         print(f"\nfinished {last_step} steps in {run_dir}"
               + (f" (early stopping: planned {total_steps})" if last_step != total_steps else "") + "\n"
-              + (f"  {best.summary()} -> exported\n" if best is not None else "")
+              + (f"  {best.summary()}{' -> exported' if cfg.checkpoint.export else ''}\n" if best is not None else "")
               + (f"  classification report: {report} (confusion matrix beside it)\n" if report else "") +
               f"  TensorBoard:  tensorboard --logdir {run_dir / 'tb'}\n"
               f"  loss curve:   {png}\n"
