@@ -141,6 +141,7 @@ def runs(tmp_path_factory):
     base["train"].update(lr=0.0, max_steps=1, warmup_steps=0, eval_every=0)
     base["task"]["early_stopping"] = None
     base["checkpoint"]["export"] = False
+    base["zero"] = dict(Z3)  # the pretrained encoder loads into ZeRO-3 partitions, the new head is initialised there
     tuned = json.loads(json.dumps(example))
     tuned.update(run_dir=str(tmp / "minilm-tuned"))
     tuned["train"].update(max_steps=14, eval_every=7, warmup_steps=2)
