@@ -42,7 +42,8 @@ def path_problems(data: dict[str, Any]) -> list[str]:
 
 
 def run_dir_problems(cfg: RunConfig, allow_done: bool = False) -> list[str]:
-    """A run dir belongs to one run: a different config there would mix two runs."""
+    """A run dir belongs to one run: a different config there would mix two runs. The slurm
+    section may differ (a resubmission with more time or another partition is the same run)."""
     run_dir = Path(cfg.run_dir)
     saved = run_dir / "config.yaml"
     p = []
@@ -57,7 +58,8 @@ def run_dir_problems(cfg: RunConfig, allow_done: bool = False) -> list[str]:
         except ConfigError:
             old = flatten(raw)
         new = flatten(to_dict(cfg))
-        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        # slurm.* says where and how long a job runs, not what it trains: a resubmission may change it
+        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not k.startswith("slurm."))
         if diff:
             p.append(f"run_dir {cfg.run_dir!r} holds a different run's config (differs in: {', '.join(diff)}); "
                      f"choose a new run_dir, or use the config saved there ({saved}) to resume that run")

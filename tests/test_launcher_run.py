@@ -7,6 +7,7 @@ import json
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -23,6 +24,9 @@ def config(tmp, name, **sections):
 def launcher(*args, cwd):
     env = env_for_ranks()
     env.pop("OMP_NUM_THREADS")  # deepspeed's launcher does not set it; the trainer copes
+    # the venv's bin first, as tests/run.sh has it (its ninja builds DeepSpeed's JIT ops; another
+    # ninja version would rebuild them)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}"
     return subprocess.Popen([sys.executable, "-m", "launcher", "run", *map(str, args)], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -4,6 +4,7 @@ messages, the memory estimate, and the CLI (validate / render / submit --dry-run
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -172,7 +173,9 @@ for path in sys.argv[1:]:
     print("ok", os.path.basename(path))
 """
     env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29617",
-               DS_ACCELERATOR="cpu", PATH="/usr/bin:/bin", HOME=str(Path.home()))
+               DS_ACCELERATOR="cpu", HOME=str(Path.home()),
+               # the venv's ninja, as tests/run.sh has it: a different ninja rebuilds DeepSpeed's JIT ops
+               PATH=f"{Path(sys.executable).parent}:/usr/bin:/bin")
     paths = sorted(str(p) for p in (ROOT / "ds_configs").glob("*.json"))
     p = subprocess.run([sys.executable, "-c", code, *paths], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -233,6 +236,7 @@ def test_a_run_dir_holding_another_run_or_a_finished_run_is_refused(tmp_path):
     del saved["slurm"]  # as written by an older version without that section: defaults do not count
     (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(saved))
     load_checked(str(path), [])
+    load_checked(str(path), ["slurm.time_min=600", "slurm.partition=long"])  # resubmitting differently: same run
     with pytest.raises(ConfigError) as e:
         load_checked(str(path), ["train.lr=0.5", "seed=1"])
     (msg,) = e.value.problems
@@ -365,3 +369,20 @@ def test_script_render_keeps_env_setup_lines_and_checks_their_syntax(tmp_path):
     path, _ = good_config(tmp_path, slurm={"env_setup": ["if then"]})
     p = cli("validate", path, cwd=tmp_path, check=2)
     assert "the rendered batch script is not valid bash" in p.stderr and "slurm.env_setup" in p.stderr
+
+
+def test_slurm_tests_skip_without_root_and_fail_when_slurm_is_required(tmp_path):
+    """The conftest's rule, run in an inner pytest that believes it is not root."""
+    (tmp_path / "conftest.py").write_text((ROOT / "tests" / "conftest.py").read_text())
+    (tmp_path / "test_needs_slurm.py").write_text("def test_needs(slurm_cluster):\n    pass\n")
+    code = ("import os, sys, pytest; os.geteuid = lambda: 1000; "
+            "sys.exit(pytest.main(['-q', '-rs', '-p', 'no:cacheprovider', sys.argv[1]]))")
+    env = {k: v for k, v in os.environ.items() if k != "FT_REQUIRE_SLURM"}
+    skipped = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert skipped.returncode == 0 and "1 skipped" in skipped.stdout, skipped.stdout
+    assert "no local Slurm cluster: starting slurmctld/slurmd needs root" in skipped.stdout
+    failed = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=tmp_path,
+                            env={**env, "FT_REQUIRE_SLURM": "1"}, capture_output=True, text=True, timeout=60)
+    assert failed.returncode == 1 and "1 error" in failed.stdout, failed.stdout
+    assert "Slurm is required (FT_REQUIRE_SLURM=1 / --require-slurm) but unavailable" in failed.stdout
