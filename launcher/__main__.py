@@ -66,9 +66,9 @@ def _plan(args, cfg: RunConfig):
 
 
 def _script_problems(plan) -> list[str]:
-    from launcher import io
+    from launcher import execute
 
-    return io.bash_syntax_problems(plan.files[plan.script])
+    return execute.bash_syntax_problems(plan.files[plan.script])
 
 
 def cmd_validate(args) -> int:
@@ -87,14 +87,14 @@ def cmd_validate(args) -> int:
 
 
 def cmd_render(args) -> int:
-    from launcher import io
+    from launcher import execute
 
     cfg = _load(args, allow_done=True)
     plan = _plan(args, cfg)
     problems = _script_problems(plan)
     if problems:
         raise ConfigError(problems, args.config)
-    io.write_files(plan.files, executable=(plan.script,))
+    execute.write_files(plan.files, executable=(plan.script,))
     for path in plan.files:
         print(f"wrote {path}")
     return 0
@@ -107,7 +107,7 @@ def _shell_line(argv: list[str]) -> str:
 
 
 def cmd_submit(args) -> int:
-    from launcher import io
+    from launcher import execute
 
     cfg = _load(args)
     plan = _plan(args, cfg)
@@ -120,8 +120,8 @@ def cmd_submit(args) -> int:
         print(plan.files[plan.script])
         print(f"# sbatch command (run from {Path.cwd()}):\n{_shell_line(plan.sbatch)}")
         return 0
-    io.write_files(plan.files, executable=(plan.script,))
-    job = io.submit(plan.sbatch, Path.cwd())
+    execute.write_files(plan.files, executable=(plan.script,))
+    job = execute.submit(plan.sbatch, Path.cwd())
     d = cfg.dist
     out = plan.run_dir / f"slurm-{job}"
     print(f"submitted job {job}: {d.nodes} node(s) x {d.procs_per_node} rank(s); run dir {plan.run_dir}\n"
@@ -134,7 +134,7 @@ def cmd_submit(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from launcher import io
+    from launcher import execute
     from launcher.plan import deepspeed_argv, render_hostfile
 
     if args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
@@ -145,7 +145,7 @@ def cmd_run(args) -> int:
                           "the command line")
     cfg = _load(args)
     plan = _plan(args, cfg)
-    port = args.master_port or (io.free_port() if args.nnodes == 1 else 29500)
+    port = args.master_port or (execute.free_port() if args.nnodes == 1 else 29500)
     deepspeed = Path(sys.executable).with_name("deepspeed")
     argv = deepspeed_argv(plan, str(deepspeed) if deepspeed.exists() else "deepspeed", port, args.nnodes,
                           args.node_rank, args.master_addr)
@@ -158,25 +158,25 @@ def cmd_run(args) -> int:
             ["python", "-m", "launcher", "run", args.config, *args.overrides,
              *(["--out", args.out] if args.out else []), "--nnodes", str(args.nnodes),
              "--node-rank", str(args.node_rank), "--master-addr", args.master_addr]))
-    io.write_files(files, executable=(plan.script,))
+    execute.write_files(files, executable=(plan.script,))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     print(f"running: {_shell_line(argv)}", flush=True)
-    io.exec_command(argv, env)
+    execute.exec_command(argv, env)
     return 1  # not reached
 
 
 def cmd_render_presets(args) -> int:
-    from launcher import io
+    from launcher import execute
     from launcher.plan import render_presets
 
     files = {REPO / rel: text for rel, text in render_presets().items()}
-    stale = [p for p, text in files.items() if io.read_text(p) != text]
+    stale = [p for p, text in files.items() if execute.read_text(p) != text]
     if args.check:
         for p in stale:
             print(f"out of date: {p.relative_to(REPO)}")
         return 1 if stale else 0
-    io.write_files(files, executable=(REPO / "slurm" / "finetune.sh",))
+    execute.write_files(files, executable=(REPO / "slurm" / "finetune.sh",))
     for p in files:
         print(f"{'wrote' if p in stale else 'unchanged'} {p.relative_to(REPO)}")
     return 0
@@ -196,7 +196,7 @@ COMMANDS = {"validate": cmd_validate, "render": cmd_render, "submit": cmd_submit
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from launcher.io import LaunchError
+    from launcher.execute import LaunchError
 
     args = _parser().parse_args(argv)
     try:

@@ -1,5 +1,5 @@
 """Plan, then do: a validated config -> every file that would be written and every command that
-would run. Pure (no disk writes, no subprocess); launcher/io.py carries a plan out.
+would run. Pure (no disk writes, no subprocess); launcher/execute.py carries a plan out.
 """
 from __future__ import annotations
 

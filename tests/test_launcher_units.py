@@ -46,7 +46,7 @@ def good_config(tmp: Path, name: str = "run", **sections) -> tuple[Path, dict]:
 
 def test_launcher_imports_without_torch():
     code = ("import sys, launcher.__main__, launcher.plan, launcher.slurm, launcher.memory, launcher.checks, "
-            "launcher.io; print('torch' in sys.modules)")
+            "launcher.execute; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
