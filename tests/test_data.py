@@ -106,3 +106,10 @@ def test_lr_schedule():
     assert lr_factor(2, 2, 10, "linear", 0) == 1.0 and lr_factor(10, 2, 10, "linear", 0.1) == pytest.approx(0.1)
     assert lr_factor(6, 2, 10, "cosine", 0) == pytest.approx(0.5)
     assert lr_factor(10, 2, 10, "cosine", 0.2) == pytest.approx(0.2)
+
+
+def test_paths_with_dollar_and_tilde_load_as_written(tmp_path):
+    odd = tmp_path / "a $HOME ~x dir"
+    odd.mkdir()
+    path = write_jsonl(odd / "d.jsonl", [{"text": "kept"}])
+    assert D.load_rows(str(path))["text"] == ["kept"]

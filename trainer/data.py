@@ -7,6 +7,7 @@ only the step.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -34,6 +35,26 @@ def _locate_bad_json_line(path: Path) -> Optional[str]:
     return None
 
 
+def _unexpandable(path: Path) -> Path:
+    """``datasets`` expands ``$VAR`` and ``~`` inside data_files, so a literal '$' in a real path
+    breaks it. Such files are loaded through a symlink with a plain name (stable per path, so
+    every rank on a node shares one cache entry)."""
+    text = str(path.resolve())
+    if os.path.expandvars(os.path.expanduser(text)) == text and "~" not in text:
+        return path
+    import hashlib
+
+    links = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ds-slurm-finetune" / "data-links"
+    links.mkdir(parents=True, exist_ok=True)
+    link = links / (hashlib.sha1(text.encode()).hexdigest()[:16] + path.suffix)
+    if not link.is_symlink() or os.readlink(link) != text:
+        tmp = link.with_name(link.name + f".{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(text)
+        os.replace(tmp, link)
+    return link
+
+
 def load_rows(path_str: str):
     """A local jsonl/json/csv/parquet file or a ``save_to_disk`` folder -> datasets.Dataset."""
     import datasets
@@ -55,7 +76,7 @@ def load_rows(path_str: str):
         if path.stat().st_size == 0:
             raise DataError(f"{path}: the file is empty; it needs at least one row")
         try:
-            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+            ds = datasets.load_dataset(builder, data_files=str(_unexpandable(path)), split="train")
         except Exception as e:  # datasets' own errors rarely name the line
             where = _locate_bad_json_line(path) if builder == "json" else None
             raise DataError(where or f"{path}: could not be read as {builder} ({type(e).__name__}: {e})") from None
