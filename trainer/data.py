@@ -239,7 +239,7 @@ def collate(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, Any]:
 def fetch(ds, indices: list[int], pad_id: int) -> dict[str, Any]:
     """Collate rows by index; index -1 gives a copy of row 0 that contributes no loss."""
     real = [i if i >= 0 else 0 for i in indices]
-    rows = ds.select(real).to_dict()
+    rows = ds[real]  # column -> list of values
     rows = [{"input_ids": rows["input_ids"][k],
              "labels": rows["labels"][k] if indices[k] >= 0 else [IGNORE] * len(rows["labels"][k])}
             for k in range(len(indices))]

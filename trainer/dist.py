@@ -114,13 +114,18 @@ def local_main_first(world: World):
             dist.barrier()
 
 
-def all_reduce_sum(value: float, device: str) -> float:
+def all_reduce_sums(values: list[float], device: str) -> list[float]:
+    """Sum each value over all ranks, in one collective."""
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return float(t.item())
+    return t.tolist()
+
+
+def all_reduce_sum(value: float, device: str) -> float:
+    return all_reduce_sums([value], device)[0]
 
 
 def any_rank(flag: bool, device: str) -> bool:

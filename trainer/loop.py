@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional
 from launcher.batch import BatchPlan
 from launcher.config import RunConfig
 from trainer import data as D
-from trainer.dist import World, all_reduce_sum
+from trainer.dist import World, all_reduce_sum, all_reduce_sums
 from trainer.methods import StepHooks
 from trainer.monitor import Monitor, memory_gb
 from trainer.optim import group_lrs
@@ -71,7 +71,8 @@ def evaluate(run: Run, step: Optional[int] = None) -> dict[str, float]:
             tokens += task.n_targets(batch)
             outputs += out
     engine.train()
-    loss = all_reduce_sum(loss_sum, w.device) / max(1.0, all_reduce_sum(tokens, w.device))
+    loss_sum, tokens = all_reduce_sums([loss_sum, tokens], w.device)
+    loss = loss_sum / max(1.0, tokens)
     metrics, report = task.eval_metrics(loss, outputs)
     if report is not None and step is not None and w.is_main:
         report.write(report_dir(Path(run.cfg.run_dir), step), f"{Path(run.cfg.run_dir).name} step {step}")
@@ -96,8 +97,8 @@ def train(run: Run, start_step: int) -> str:
         # Normalise by the targets (LM: target tokens; classification: labelled examples or tokens)
         # of the whole window on all ranks, so that accumulation N x micro b equals one batch of
         # N*b. DeepSpeed divides by accum and averages over ranks.
-        n_target = all_reduce_sum(sum(run.task.n_targets(b) for b in batches), w.device)
-        n_input = all_reduce_sum(sum(int(b["attention_mask"].sum()) for b in batches), w.device)
+        n_target, n_input = all_reduce_sums([sum(run.task.n_targets(b) for b in batches),
+                                              sum(int(b["attention_mask"].sum()) for b in batches)], w.device)
         scale = plan.grad_accum * w.world_size / n_target
         loss_sum = 0.0
         for batch in batches:

@@ -19,9 +19,9 @@ if __package__ in (None, ""):  # run as a script: make `trainer` and `launcher` 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from launcher.batch import fit_world, plan_batch  # noqa: E402
-from launcher.config import ConfigError, RunConfig, flatten, load_config, read_yaml, to_dict, to_yaml  # noqa: E402
+from launcher.checks import DONE_FILE, run_dir_problems  # noqa: E402
+from launcher.config import ConfigError, RunConfig, load_config, to_yaml  # noqa: E402
 
-DONE_FILE = "DONE"
 EXIT_USER_ERROR = 2
 
 
@@ -38,19 +38,6 @@ def check_device(cfg: RunConfig, is_cuda: bool) -> None:
         raise ConfigError(["'precision.dtype' = 'fp16' is not supported on a CPU (DeepSpeed: 'Type fp16 is "
                            "not supported on your device'); use precision.dtype=fp32, or bf16 (slow on CPUs "
                            "without AMX/AVX512-BF16)"])
-
-
-def check_run_dir(cfg: RunConfig, run_dir: Path) -> None:
-    """A run dir belongs to one run: resuming with a different config would mix two runs."""
-    saved = run_dir / "config.yaml"
-    if not saved.exists():
-        return
-    old, new = flatten(read_yaml(saved)), flatten(to_dict(cfg))
-    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    if diff:
-        raise ConfigError([f"run_dir {str(run_dir)!r} holds a different run's config (differs in: "
-                           f"{', '.join(diff)}); choose a new run_dir, or run with "
-                           f"the config saved there ({saved}) to resume it"])
 
 
 def prepare_data(cfg: RunConfig, tok, world):
@@ -101,31 +88,28 @@ def total_steps_for(cfg: RunConfig, n_train: int, plan) -> int:
 def run(cfg: RunConfig, world) -> dict:
     """One training run on an initialised world. Re-entrant: tests run several per launch."""
     import deepspeed
-    import torch
     from transformers import set_seed
 
     from launcher.ds_config import build_ds_config
     from trainer import checkpoint
-    from trainer import tasks
-    from trainer.dist import world_info
     from trainer.early_stop import EarlyStopping
-    from trainer.loop import Run, evaluate, train
-    from trainer.model import build_model, count_params, load_tokenizer
-    from trainer.monitor import Monitor, flops_per_token, peak_tflops, plot_loss_curve
-    from trainer.adapters import export_peft
+    from trainer.loop import Run, train
     from trainer.methods import apply_method, check_method_device, load_kwargs
+    from trainer.model import build_model, count_params, load_tokenizer
+    from trainer.monitor import Monitor, flops_per_token, peak_tflops
     from trainer.optim import build_optimizer, build_scheduler
-    from trainer.stop import STOP_FILE, Stopper
+    from trainer.stop import Stopper
 
     run_dir = Path(cfg.run_dir)
-    ckpt_dir = run_dir / "checkpoints"
     check_device(cfg, world.is_cuda)
     check_method_device(cfg, world.is_cuda)
     if (run_dir / DONE_FILE).exists():
         if world.is_main:
             print(f"run already finished ({run_dir / DONE_FILE}); nothing to do. Use a new run_dir to train again.")
         return {"status": "already_done"}
-    check_run_dir(cfg, run_dir)
+    problems = run_dir_problems(cfg, allow_done=True)
+    if problems:
+        raise ConfigError(problems)
     t = cfg.train
     plan, note = fit_world(plan_batch(t.micro_batch_size, t.grad_accum, t.global_batch_size, cfg.world_size),
                            world.world_size, cfg.dist.on_world_mismatch)
@@ -145,36 +129,21 @@ def run(cfg: RunConfig, world) -> dict:
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
 
     # Everything is checked; now the run dir is written.
-    infos = [None] * world.world_size
-    torch.distributed.all_gather_object(infos, world_info(world))
-    if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not (run_dir / "config.yaml").exists():
-            (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
-        (run_dir / "world.json").write_text(json.dumps(infos, indent=2) + "\n")
-        (run_dir / STOP_FILE).unlink(missing_ok=True)
-        print(f"resolved config ({run_dir / 'config.yaml'}):\n{to_yaml(cfg)}", flush=True)
-        if note:
-            print(f"NOTE: {note}", flush=True)
-        print(f"world {world.world_size} ranks on {len({i['node_rank'] for i in infos})} node(s); global batch "
-              f"{plan.global_batch_size} = micro {plan.micro_batch_size} x accum {plan.grad_accum} x world "
-              f"{plan.world_size}; {total_steps} steps; params {n_params:,} ({n_trainable:,} trainable)", flush=True)
-        print("\n  ".join([method.summary(), *method.notes]), flush=True)
-    torch.distributed.barrier()
+    write_run_files(cfg, world, ds_config, [
+        f"world {world.world_size} ranks; global batch {plan.global_batch_size} = micro {plan.micro_batch_size} "
+        f"x accum {plan.grad_accum} x world {plan.world_size}; {total_steps} steps; params {n_params:,} "
+        f"({n_trainable:,} trainable)", method.summary(), *method.notes] + ([f"NOTE: {note}"] if note else []))
 
+    ckpt_dir = run_dir / "checkpoints"
     state = checkpoint.resume(engine, ckpt_dir, world.rank) if cfg.checkpoint.resume else None
     start_step = int(state["step"]) if state else 0
     if state and world.is_main:
         print(f"resumed from {ckpt_dir / state['tag']} at step {start_step}", flush=True)
-
-    mcfg = engine.module.config
-    monitor = Monitor(run_dir, world.is_main, cfg.logging.tensorboard)
-    stopper = Stopper(run_dir)
-    monitor.log(start_step, {"model/trainable_params": method.n_trainable, "model/trainable_fraction": method.fraction})
-
     es = cfg.task.early_stopping
     best = EarlyStopping.from_config(es, (state or {}).get("early_stopping")) if es is not None else None
+    monitor = Monitor(run_dir, world.is_main, cfg.logging.tensorboard)
+    monitor.log(start_step, {"model/trainable_params": method.n_trainable, "model/trainable_fraction": method.fraction})
+    stopper = Stopper(run_dir)
 
     def save(step: int) -> None:
         checkpoint.save(engine, ckpt_dir, step, {"step": step, "plan": [plan.micro_batch_size, plan.grad_accum,
@@ -184,6 +153,7 @@ def run(cfg: RunConfig, world) -> dict:
     def save_best(step: int) -> None:  # the best evaluation so far, in its own folder until beaten
         checkpoint.save(engine, ckpt_dir / "best", step, {"step": step}, 1, world.rank)
 
+    mcfg = engine.module.config
     loop = Run(cfg=cfg, world=world, plan=plan, engine=engine, train_ds=train_ds, eval_ds=eval_ds,
                pad_id=tok.pad_token_id, total_steps=total_steps, monitor=monitor,
                flops_per_token=flops_per_token(n_params, n_trainable, getattr(mcfg, "num_hidden_layers", 0),
@@ -192,52 +162,106 @@ def run(cfg: RunConfig, world) -> dict:
                save=save, should_stop=lambda: stopper.requested(world.device),
                task=task, best=best, save_best=save_best, hooks=method.hooks)
     status = train(loop, start_step)
-    last_step = total_steps
-    if status == "early_stopped":
-        status, last_step = "done", best.stopped_step
-    result = {"status": status, "total_steps": total_steps, "last_step": last_step}
-    if status == "done":
-        if eval_ds is not None and last_step == total_steps:
-            ev = evaluate(loop, last_step)
-            monitor.log(last_step, ev)
-            result.update(ev)
-            if best is not None and best.update(last_step, ev).improved:
-                save_best(last_step)
-            if world.is_main:
-                print(f"final eval: {task.describe(ev)}", flush=True)
-        if checkpoint.latest_tag(ckpt_dir) != checkpoint.tag_for(last_step):
-            save(last_step)
-        if best is not None and best.best_step is not None:
-            if best.best_step != last_step:  # the export gets the best evaluation's weights
-                if checkpoint.resume(engine, ckpt_dir / "best", world.rank) is None:
-                    raise RuntimeError(f"the best checkpoint (step {best.best_step}) is missing from "
-                                       f"{ckpt_dir / 'best'}; it cannot be exported")
-                result.update(evaluate(loop, best.best_step))
-            result.update(best_step=best.best_step, best_metric=best.metric, best_value=best.best_value)
-        report = tasks.publish_report(run_dir, result.get("best_step", last_step)) if world.is_main else None
-        if cfg.checkpoint.export and method.is_peft:
-            export_peft(engine, tok, cfg, run_dir)  # run_dir/adapter, + run_dir/export merged on request
-        elif cfg.checkpoint.export:
-            checkpoint.export_hf(engine, tok, run_dir / "export", cfg.zero.stage)
+    result = finish(loop, status, tok, method.is_peft)
     monitor.close()
-    if world.is_main and status == "done":
+    engine.destroy()
+    return result
+
+
+def write_run_files(cfg: RunConfig, world, ds_config: dict, lines: list[str]) -> None:
+    """Rank 0 writes config.yaml (once), the DeepSpeed config this world uses, world.json; prints the plan."""
+    import torch.distributed as dist
+
+    from launcher.plan import GENERATED_KEY
+    from trainer.dist import world_info
+    from trainer.stop import STOP_FILE
+
+    infos = [None] * world.world_size
+    dist.all_gather_object(infos, world_info(world))
+    run_dir = Path(cfg.run_dir)
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not (run_dir / "config.yaml").exists():
+            (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        used = {GENERATED_KEY: "trainer/main.py at start: the DeepSpeed config of the world this run woke up in",
+                **ds_config}
+        (run_dir / "ds_config.json").write_text(json.dumps(used, indent=2) + "\n")
+        (run_dir / "world.json").write_text(json.dumps(infos, indent=2) + "\n")
+        (run_dir / STOP_FILE).unlink(missing_ok=True)
+        nodes = len({i["node_rank"] for i in infos})
+        print(f"resolved config ({run_dir / 'config.yaml'}):\n{to_yaml(cfg)}", flush=True)
+        print("\n".join([lines[0].replace(" ranks;", f" ranks on {nodes} node(s);", 1), *lines[1:]]), flush=True)
+    dist.barrier()
+
+
+def finish(loop, status: str, tok, is_peft: bool) -> dict:
+    """After the loop: final evaluation, the best checkpoint back in the engine when early stopping
+    chose one, the last checkpoint, the export, DONE and the summary."""
+    from trainer import checkpoint, tasks
+    from trainer.adapters import export_peft
+    from trainer.loop import evaluate
+    from trainer.monitor import plot_loss_curve
+
+    cfg, world, engine, best = loop.cfg, loop.world, loop.engine, loop.best
+    run_dir, total_steps = Path(cfg.run_dir), loop.total_steps
+    ckpt_dir = run_dir / "checkpoints"
+    last_step = best.stopped_step if status == "early_stopped" else total_steps
+    status = "done" if status == "early_stopped" else status
+    result = {"status": status, "total_steps": total_steps, "last_step": last_step}
+    if status != "done":
+        return result
+    if loop.eval_ds is not None and last_step == total_steps:
+        ev = evaluate(loop, last_step)
+        loop.monitor.log(last_step, ev)
+        result.update(ev)
+        if best is not None and best.update(last_step, ev).improved:
+            loop.save_best(last_step)
+        if world.is_main:
+            print(f"final eval: {loop.task.describe(ev)}", flush=True)
+    if checkpoint.latest_tag(ckpt_dir) != checkpoint.tag_for(last_step):
+        loop.save(last_step)
+    if best is not None and best.best_step is not None:
+        if best.best_step != last_step:  # the export gets the best evaluation's weights
+            if checkpoint.resume(engine, ckpt_dir / "best", world.rank) is None:
+                raise RuntimeError(f"the best checkpoint (step {best.best_step}) is missing from "
+                                   f"{ckpt_dir / 'best'}; it cannot be exported")
+            result.update(evaluate(loop, best.best_step))
+        result.update(best_step=best.best_step, best_metric=best.metric, best_value=best.best_value)
+    report = tasks.publish_report(run_dir, result.get("best_step", last_step)) if world.is_main else None
+    if cfg.checkpoint.export and is_peft:
+        export_peft(engine, tok, cfg, run_dir)  # run_dir/adapter, + run_dir/export merged on request
+    elif cfg.checkpoint.export:
+        checkpoint.export_hf(engine, tok, run_dir / "export", cfg.zero.stage)
+    if world.is_main:
         png = plot_loss_curve(run_dir)
         (run_dir / DONE_FILE).write_text(json.dumps(result) + "\n")
-        if report is not None:
-            print(f"\nclassification report, step {result.get('best_step', last_step)}"
-                  f"{' (the best evaluation)' if best is not None else ''}:\n"
-                  f"{report.read_text()}", flush=True)
-        print(f"\nfinished {last_step} steps in {run_dir}"
-              + (f" (early stopping: planned {total_steps})" if last_step != total_steps else "") + "\n"
-              + (f"  {best.summary()}{' -> exported' if cfg.checkpoint.export else ''}\n" if best is not None else "")
-              + (f"  classification report: {report} (confusion matrix beside it)\n" if report else "") +
-              f"  TensorBoard:  tensorboard --logdir {run_dir / 'tb'}\n"
-              f"  loss curve:   {png}\n"
-              f"  checkpoints:  {ckpt_dir} (latest: {checkpoint.latest_tag(ckpt_dir)})\n"
-              + (f"  exported model (from_pretrained): {run_dir / 'export'}\n" if (run_dir / "export").exists() else ""),
-              flush=True)
-    engine.destroy() if hasattr(engine, "destroy") else None
+        print(summary(cfg, result, report, png, best), flush=True)
     return result
+
+
+def summary(cfg: RunConfig, result: dict, report, png, best) -> str:
+    from trainer import checkpoint
+
+    run_dir = Path(cfg.run_dir)
+    last_step, total_steps = result["last_step"], result["total_steps"]
+    lines = []
+    if report is not None:
+        lines += [f"\nclassification report, step {result.get('best_step', last_step)}"
+                  f"{' (the best evaluation)' if best is not None else ''}:\n{report.read_text()}"]
+    lines += [f"\nfinished {last_step} steps in {run_dir}"
+              + (f" (early stopping: planned {total_steps})" if last_step != total_steps else "")]
+    if best is not None:
+        lines += [f"  {best.summary()}{' -> exported' if cfg.checkpoint.export else ''}"]
+    if report is not None:
+        lines += [f"  classification report: {report} (confusion matrix beside it)"]
+    lines += [f"  TensorBoard:  tensorboard --logdir {run_dir / 'tb'}",
+              f"  loss curve:   {png}",
+              f"  checkpoints:  {run_dir / 'checkpoints'} (latest: {checkpoint.latest_tag(run_dir / 'checkpoints')})"]
+    if (run_dir / "adapter").exists():
+        lines += [f"  adapter (PeftModel.from_pretrained): {run_dir / 'adapter'}"]
+    if (run_dir / "export").exists():
+        lines += [f"  exported model (from_pretrained): {run_dir / 'export'}"]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
