@@ -22,6 +22,23 @@ def env_for_ranks() -> dict[str, str]:
     return env
 
 
+def save_tiny_pretrained(folder: Path, **config: Any) -> dict[str, Any]:
+    """A tiny Llama (seed 0) + the tiny tokenizer saved as a from_pretrained folder; returns the
+    model section that loads it. Keyword arguments override TINY_LLAMA's config."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = dict(TINY_LLAMA, **config)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+    model.save_pretrained(str(folder))
+    for f in TOKENIZER.iterdir():
+        shutil.copy(f, Path(folder) / f.name)
+    return {"name_or_path": str(folder), "tokenizer": None, "config": None}
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

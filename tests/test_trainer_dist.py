@@ -7,13 +7,12 @@ engine's eval loss; TensorBoard event files hold every documented tag.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
-from helpers import (TINY_LLAMA, TOKENIZER, arith_rows, assert_curves_close, launch, losses, result,
-                     tiny_config, write_jsonl)
+from helpers import (arith_rows, assert_curves_close, launch, losses, result, save_tiny_pretrained, tiny_config,
+                     write_jsonl)
 
 STAGES = {"z0": {"stage": 0}, "z1": {"stage": 1}, "z2": {"stage": 2},
           "z3": {"stage": 3, "param_persistence_threshold": 0},
@@ -26,20 +25,9 @@ TB_TAGS = ["train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "t
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("core")
     # A tiny "pretrained" folder, so ZeRO-3 exercises from_pretrained into partitions.
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    cfg = dict(TINY_LLAMA)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
-    pretrained = tmp / "pretrained"
-    model.save_pretrained(str(pretrained))
-    for f in TOKENIZER.iterdir():
-        shutil.copy(f, pretrained / f.name)
-
+    model_sec = save_tiny_pretrained(tmp / "pretrained")
     train = write_jsonl(tmp / "train.jsonl", arith_rows(256, seed=1))
     evals = write_jsonl(tmp / "eval.jsonl", arith_rows(37, seed=2))  # 37: not a multiple of ranks x micro
-    model_sec = {"name_or_path": str(pretrained), "tokenizer": None, "config": None}
     sc = []
     for name, zero in STAGES.items():
         sc.append({"name": name, "config": tiny_config(tmp / name, train, model=model_sec, zero=zero,
