@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
-import shutil
 from pathlib import Path
+
+from trainer.checkpoint import write_pretrained
 
 ADAPTER_DIR = "adapter"
 
@@ -23,11 +23,6 @@ def adapter_params(model) -> list:
     """What the adapter file holds: the trainable parameters (LoRA/IA3/prompt weights, modules to
     save) plus AdaLoRA's rank counters (frozen, but saved)."""
     return [p for n, p in model.named_parameters() if p.requires_grad or "ranknum" in n]
-
-
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
 
 
 def save_adapter(engine, tokenizer, out_dir: Path, stage: int) -> None:
@@ -43,11 +38,7 @@ def save_adapter(engine, tokenizer, out_dir: Path, stage: int) -> None:
         gather = deepspeed.zero.GatheredParameters(adapter_params(model), modifier_rank=None)
     with gather:
         if dist.get_rank() == 0:
-            tmp = out_dir.with_name(out_dir.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            model.save_pretrained(str(tmp))
-            tokenizer.save_pretrained(str(tmp))
-            _replace_dir(tmp, out_dir)
+            write_pretrained(model, tokenizer, out_dir)
     dist.barrier()
 
 
@@ -81,11 +72,7 @@ def merge_adapter(engine, tokenizer, base_path: str, adapter_dir: Path, out_dir:
         with _without_zero3_init():
             base = type(base_model).from_pretrained(base_path, config=config, dtype=torch_dtype)
         merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-        tmp = out_dir.with_name(out_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        merged.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        _replace_dir(tmp, out_dir)
+        write_pretrained(merged, tokenizer, out_dir)
     dist.barrier()
 
 

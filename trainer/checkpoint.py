@@ -102,16 +102,21 @@ def full_state_dict(engine, stage: int) -> Optional[dict]:
     return engine.module.state_dict() if dist.get_rank() == 0 else None
 
 
+def write_pretrained(model, tokenizer, out_dir: Path, **save_kwargs) -> None:
+    """model.save_pretrained + tokenizer into OUT.tmp, then swapped in: a crash never leaves half a folder."""
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), **save_kwargs)
+    tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+
+
 def export_hf(engine, tokenizer, out_dir: Path, stage: int) -> None:
     """A Hugging Face save_pretrained folder (safetensors, config, tokenizer), written atomically."""
     import torch.distributed as dist
 
     sd = full_state_dict(engine, stage)
     if dist.get_rank() == 0:
-        tmp = out_dir.with_name(out_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        engine.module.save_pretrained(str(tmp), state_dict=sd)
-        tokenizer.save_pretrained(str(tmp))
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(tmp, out_dir)
+        write_pretrained(engine.module, tokenizer, out_dir, state_dict=sd)
     dist.barrier()
