@@ -58,7 +58,7 @@ def one_step(model, optimizer) -> float:
 
 
 def run_config(args, **sections):
-    from launcher.config import validate
+    from launcher.rules import validate
 
     data = {"run_dir": "unused", "model": {"name_or_path": "unused"}, "data": {"train": "unused"},
             "train": {"max_steps": 100, "weight_decay": 0.01}, "zero": {"stage": 0}}

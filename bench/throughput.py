@@ -41,7 +41,7 @@ def bench_config(run_dir: Path, args) -> dict:
 
 
 def ours(cfg_dict: dict, world) -> tuple[float, float]:
-    from launcher.config import validate
+    from launcher.rules import validate
     from trainer.main import run
     from trainer.monitor import read_metrics
 
@@ -59,16 +59,16 @@ def hand_written(cfg_dict: dict, world) -> float:
     import torch.distributed as dist
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from launcher.config import validate
     from launcher.ds_config import render_ds_config
+    from launcher.rules import validate
     from trainer import data as D
+    from trainer.encode import CausalLMEncoder
 
     cfg = validate(cfg_dict)
     tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer)
     rows = D.load_rows(cfg.data.train)
     d = cfg.data
-    enc = D.make_encoder(tok, "prompt_response", {"prompt": "prompt", "response": "response"}, True, d.max_length)
-    ds = D.tokenize(rows, enc, d.packing, d.max_length, "bench").dataset
+    ds = D.tokenize(rows, CausalLMEncoder(tok, d), d.packing, d.max_length, "bench").dataset
     m = dict(cfg.model.config)
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(m.pop("model_type"), **m))

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from launcher import rundir
 from launcher.config import ConfigError, RunConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,9 +55,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(args, allow_done: bool = False) -> RunConfig:
-    from launcher.checks import load_checked
+    from launcher.rules import load_config
 
-    return load_checked(args.config, args.overrides, getattr(args, "out", None), allow_done=allow_done)
+    return load_config(args.config, args.overrides, run_dir=getattr(args, "out", None), allow_done=allow_done)
 
 
 def _plan(args, cfg: RunConfig):
@@ -123,12 +124,13 @@ def cmd_submit(args) -> int:
     execute.write_files(plan.files, executable=(plan.script,))
     job = execute.submit(plan.sbatch, Path.cwd())
     d = cfg.dist
-    out = plan.run_dir / f"slurm-{job}"
+    layout = rundir.RunDir(plan.run_dir)
+    out, err = layout.slurm_logs(job)
     print(f"submitted job {job}: {d.nodes} node(s) x {d.procs_per_node} rank(s); run dir {plan.run_dir}\n"
-          f"  stdout:      {out}.out\n"
-          f"  stderr:      {out}.err\n"
+          f"  stdout:      {out}\n"
+          f"  stderr:      {err}\n"
           f"  status:      squeue -j {job}   (or: scontrol show job {job})\n"
-          f"  TensorBoard: tensorboard --logdir {_shell_line([str(plan.run_dir / 'tb')])}\n"
+          f"  TensorBoard: tensorboard --logdir {_shell_line([str(layout.tensorboard)])}\n"
           f"  checkpoint + requeue now: scancel --signal={cfg.slurm.signal} --batch {job}")
     return 0
 
@@ -176,7 +178,7 @@ def cmd_render_presets(args) -> int:
         for p in stale:
             print(f"out of date: {p.relative_to(REPO)}")
         return 1 if stale else 0
-    execute.write_files(files, executable=(REPO / "slurm" / "finetune.sh",))
+    execute.write_files(files, executable=(REPO / "slurm" / rundir.SCRIPT,))
     for p in files:
         print(f"{'wrote' if p in stale else 'unchanged'} {p.relative_to(REPO)}")
     return 0

@@ -1,23 +1,18 @@
-"""The one typed run config: YAML + dotted ``key=value`` overrides -> ``RunConfig``.
+"""The one typed run config: the schema, and nothing else.
 
-Importable without torch (the launcher and the trainer share it). Every problem in a
-config is collected and reported at once, each naming the key as the user typed it,
-the value, and the fix. After :func:`load_config` returns, consumers trust the object.
+Nested pydantic sections grouped by concern (model, data, train, precision, zero, dist,
+checkpoint, logging, slurm, method, task). Every rule that involves more than one field, and the
+one loader (YAML + ``key=value`` overrides -> a validated ``RunConfig``), live in
+launcher/rules.py. Importable without torch: the launcher and the trainer share it.
 """
 from __future__ import annotations
 
-import difflib
-import os
-from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from launcher.batch import batch_problems
-from launcher.errors import ConfigError  # noqa: F401  (re-exported)
-from launcher.slurm import slurm_problems
-from launcher.method_config import MethodConfig, method_problems
+from launcher.errors import ConfigError  # noqa: F401  (re-exported: the error every check raises)
 
 
 class _Section(BaseModel):
@@ -132,6 +127,59 @@ class SlurmConfig(_Section):
     python: Optional[str] = None
 
 
+# --------------------------------------------------------------------------- method
+
+PEFT_METHODS = ("lora", "qlora", "adalora", "ia3", "prefix", "prompt")
+BNB_OPTIMIZERS = ("adamw8bit", "adam8bit", "paged_adamw8bit", "lion8bit")
+
+
+class LoraSettings(_Section):
+    r: int = Field(8, gt=0)  # rank (AdaLoRA: the starting rank of every matrix)
+    alpha: float = Field(16.0, gt=0)  # scaling = alpha / r (rsLoRA: alpha / sqrt(r))
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # "all-linear" = every linear layer except the output head, or a list of module names.
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+    use_rslora: bool = False
+    use_dora: bool = False
+
+
+class AdaLoraSettings(_Section):
+    target_r: int = Field(4, gt=0)  # average rank per matrix left at the end (budget)
+    # Steps (as fractions of the run) before the budget starts to shrink, and at the end with
+    # the final budget fixed; the rank allocation runs every `every_steps` steps in between.
+    warmup_fraction: float = Field(0.1, ge=0, lt=1)
+    final_fraction: float = Field(0.2, ge=0, lt=1)
+    every_steps: int = Field(1, gt=0)
+
+
+class FreezeSettings(_Section):
+    """Partial fine-tuning of the full model (method.name=full); choose at most one."""
+    train_last_k_blocks: Optional[int] = Field(None, gt=0)  # top k transformer blocks + head
+    trainable_patterns: list[str] = []  # regexes (re.search) on parameter names
+    head_only: bool = False  # params after the last block: final norm, lm_head / classifier
+    freeze_embeddings: bool = False  # everything except the params before the first block
+
+
+class MethodConfig(_Section):
+    name: Literal["full", "lora", "qlora", "adalora", "ia3", "prefix", "prompt"] = "full"
+    lora: LoraSettings = LoraSettings()
+    adalora: AdaLoraSettings = AdaLoraSettings()
+    # peft methods: modules trained in full and saved with the adapter (e.g. a new head).
+    modules_to_save: list[str] = []
+    num_virtual_tokens: int = Field(20, gt=0)  # prefix / prompt tuning
+    # Export base + adapter merged into a plain Hugging Face model (run_dir/export), besides
+    # the adapter (run_dir/adapter).
+    merge_adapter: bool = False
+    freeze: FreezeSettings = FreezeSettings()
+    # Gradual unfreezing (full): one more block group (head, top block, ..., embeddings)
+    # trains every N optimizer steps, top down; 0 = off.
+    unfreeze_every_steps: int = Field(0, ge=0)
+    # Layer-wise LR decay (full): lr x decay^(depth from the top); 1 = off.
+    layer_lr_decay: float = Field(1.0, gt=0, le=1)
+
+
+# --------------------------------------------------------------------------- task
+
 # Metrics each task logs (as eval/<name>); early_stopping.metric must be one of them, or a
 # per-label one: eval/f1/<label> (also precision/, recall/) and, for NER, eval/entity_f1/<TYPE>.
 _AVERAGED = [f"{m}_{a}" for a in ("macro", "micro", "weighted") for m in ("precision", "recall", "f1")]
@@ -214,195 +262,6 @@ class RunConfig(_Section):
     @property
     def world_size(self) -> int:
         return self.dist.nodes * self.dist.procs_per_node
-
-
-# --------------------------------------------------------------------------- overrides
-
-
-def parse_overrides(items: list[str]) -> tuple[dict[str, Any], list[str]]:
-    """``["train.lr=1e-3", ...]`` -> ({"train.lr": 0.001}, problems). Values are YAML."""
-    out: dict[str, Any] = {}
-    problems = []
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            problems.append(f"override {item!r} is not key=value; write it like train.lr=1e-4")
-            continue
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        out[key.strip()] = value
-    return out, problems
-
-
-def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Set dotted keys in a nested dict (copying). Unknown keys are caught by validation."""
-    import copy
-
-    data = copy.deepcopy(data)
-    for dotted, value in overrides.items():
-        node = data
-        parts = dotted.split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[parts[-1]] = value
-    return data
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _section_model(loc: tuple) -> type[BaseModel]:
-    model: type[BaseModel] = RunConfig
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        if field is None:
-            break
-        ann = field.annotation
-        for cand in getattr(ann, "__args__", ()) or (ann,):
-            if isinstance(cand, type) and issubclass(cand, BaseModel):
-                model = cand
-                break
-        else:
-            break
-    return model
-
-
-def _describe_pydantic_error(err: dict[str, Any]) -> str:
-    loc = tuple(err["loc"])
-    key = ".".join(str(p) for p in loc)
-    kind = err["type"]
-    value = err.get("input")
-    if kind == "extra_forbidden":
-        parent = _section_model(loc[:-1])
-        valid = sorted(parent.model_fields)
-        near = difflib.get_close_matches(str(loc[-1]), valid, n=1)
-        hint = f"did you mean '{'.'.join([*map(str, loc[:-1]), near[0]])}'? " if near else ""
-        where = ".".join(map(str, loc[:-1])) or "the top level"
-        return f"unknown key '{key}' (value {value!r}); {hint}valid keys under {where}: {', '.join(valid)}"
-    if kind == "missing":
-        return f"missing required key '{key}'; add it to the YAML file or pass {key}=..."
-    if kind == "literal_error":
-        choices = err.get("ctx", {}).get("expected", "")
-        return f"'{key}' = {value!r} is not allowed; choose one of {choices}"
-    return f"'{key}' = {value!r}: {err['msg']}; fix the value in the YAML file or with {key}=..."
-
-
-def task_problems(cfg: "RunConfig") -> list[str]:
-    """Cross-field rules of the task section (part of cross_field_problems)."""
-    t, d, p = cfg.task, cfg.data, []
-    if t.type == "causal_lm":
-        for key, value in (("labels", t.labels), ("class_weights", t.class_weights),
-                           ("text_pair_field", t.text_pair_field)):
-            if value is not None:
-                p.append(f"'task.{key}' = {value!r} applies to classification, but task.type is 'causal_lm'; "
-                         f"set task.type=sequence_classification (or token_classification) or remove task.{key}")
-    else:
-        if d.format != "text":
-            p.append(f"'data.format' = {d.format!r} is for causal_lm; task.type={t.type!r} reads "
-                     "data.text_field and the task.*_field columns, so remove data.format")
-        if d.packing:
-            p.append(f"'data.packing' = true cannot be used with task.type={t.type!r} (every row is one "
-                     "example); set data.packing=false")
-    if t.type == "token_classification" and t.text_pair_field is not None:
-        p.append(f"'task.text_pair_field' = {t.text_pair_field!r}: text pairs are for sequence_classification, "
-                 "not token_classification; remove it")
-    if t.labels is not None:
-        dupes = sorted({x for x in t.labels if t.labels.count(x) > 1})
-        if dupes:
-            p.append(f"'task.labels' lists {dupes} more than once; each label name must be unique")
-        if len(t.labels) < 2:
-            p.append(f"'task.labels' = {t.labels!r} needs at least two labels")
-    if isinstance(t.class_weights, list):
-        if t.labels is None:
-            p.append(f"'task.class_weights' = {t.class_weights!r} is a list, which needs 'task.labels' to fix the "
-                     "order of the labels; set task.labels, or use task.class_weights=auto")
-        elif len(t.class_weights) != len(t.labels):
-            p.append(f"'task.class_weights' has {len(t.class_weights)} weights but 'task.labels' has "
-                     f"{len(t.labels)} labels; give one weight per label")
-    es = t.early_stopping
-    if es is not None:
-        if d.eval is None and d.eval_fraction == 0:
-            p.append("'task.early_stopping' needs an eval split; set data.eval or data.eval_fraction")
-        if cfg.train.eval_every == 0:
-            p.append("'task.early_stopping' needs evaluations during training; set train.eval_every "
-                     "(optimizer steps between evaluations)")
-        known = TASK_METRICS[t.type]
-        if es.metric not in known and not es.metric.startswith(PER_LABEL_METRICS[t.type]):
-            per_label = ", ".join(f"{x}<label>" for x in PER_LABEL_METRICS[t.type])
-            p.append(f"'task.early_stopping.metric' = {es.metric!r} is not a metric of task.type={t.type!r}; "
-                     f"choose one of {', '.join(known)}" + (f", or a per-label one: {per_label}" if per_label else ""))
-    return p
-
-
-def cross_field_problems(cfg: RunConfig) -> list[str]:
-    """Rules that involve more than one field. Pure; device-independent."""
-    p: list[str] = []
-    if cfg.model.name_or_path is None and cfg.model.config is None:
-        p.append("model: neither 'model.name_or_path' nor 'model.config' is set; give a local "
-                 "Hugging Face folder or a config dict for a from-scratch model")
-    if cfg.model.name_or_path is None and cfg.model.tokenizer is None:
-        p.append("'model.tokenizer' is not set and there is no 'model.name_or_path' to take it "
-                 "from; point model.tokenizer at a tokenizer folder")
-    if (cfg.train.max_steps is None) == (cfg.train.epochs is None):
-        p.append(f"set exactly one of 'train.max_steps' ({cfg.train.max_steps}) and "
-                 f"'train.epochs' ({cfg.train.epochs})")
-    if cfg.zero.offload_optimizer and cfg.zero.stage == 0:
-        p.append("'zero.offload_optimizer' = true needs zero.stage 1, 2 or 3 (it is 0); "
-                 "set zero.stage=2 or zero.offload_optimizer=false")
-    if cfg.zero.offload_param and cfg.zero.stage != 3:
-        p.append(f"'zero.offload_param' = true needs zero.stage=3 (it is {cfg.zero.stage}); "
-                 "set zero.stage=3 or zero.offload_param=false")
-    if cfg.data.eval is not None and cfg.data.eval_fraction > 0:
-        p.append(f"both 'data.eval' ({cfg.data.eval!r}) and 'data.eval_fraction' "
-                 f"({cfg.data.eval_fraction}) are set; keep one")
-    if cfg.train.warmup_steps and cfg.train.max_steps and cfg.train.warmup_steps > cfg.train.max_steps:
-        p.append(f"'train.warmup_steps' = {cfg.train.warmup_steps} exceeds 'train.max_steps' = "
-                 f"{cfg.train.max_steps}; lower the warmup")
-    p += task_problems(cfg)
-    p += method_problems(cfg)
-    p += slurm_problems(cfg)
-    p += batch_problems(cfg.train.micro_batch_size, cfg.train.grad_accum,
-                        cfg.train.global_batch_size, cfg.world_size)
-    return p
-
-
-def validate(data: Any, source: str = "config") -> RunConfig:
-    """dict -> RunConfig, or ConfigError listing every problem."""
-    if not isinstance(data, dict):
-        raise ConfigError([f"the top level must be a mapping of sections, got {type(data).__name__}"], source)
-    try:
-        cfg = RunConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError([_describe_pydantic_error(err) for err in e.errors()], source) from None
-    problems = cross_field_problems(cfg)
-    if problems:
-        raise ConfigError(problems, source)
-    return cfg
-
-
-def read_yaml(path: Union[str, os.PathLike]) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError([f"config file {str(path)!r} does not exist; check the path"], str(path))
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError([f"{path} is not valid YAML: {e}"], str(path)) from None
-    return data
-
-
-def load_config(path: Union[str, os.PathLike], overrides: Optional[list[str]] = None) -> RunConfig:
-    """Read YAML, apply ``key=value`` overrides, validate once; relative paths resolve
-    against the current directory (as the user typed them)."""
-    data = read_yaml(path)
-    parsed, problems = parse_overrides(list(overrides or []))
-    if problems:
-        raise ConfigError(problems, str(path))
-    return validate(apply_overrides(data, parsed), source=str(path))
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,116 +1,185 @@
-"""RunConfig -> DeepSpeed config dict. Pure: no disk, no torch, explicit numbers only.
+"""RunConfig -> DeepSpeed config dict. Pure: no disk (but for reading a base JSON), no torch,
+explicit numbers only.
 
-``OWNED`` maps each DeepSpeed key we set to the run-config field that owns it. A user base
-JSON (``zero.base_config``) may add keys we do not own; if it contradicts an owned key, that
-is one error listing every mismatch.
+ONE table, :data:`TABLE`, drives both the rendering and the merge with a user's base JSON
+(``zero.base_config``). Each DeepSpeed key in it is either
+
+- **owned**: the run config sets it (``owner`` names the run-config key). A base JSON that gives it a
+  different value is an error naming both values and the key to change instead; or
+- a **default**: we set it unless the base JSON does, in which case the base's value is used.
+
+Keys the table does not know pass through from the base JSON untouched. ``"auto"`` (the Hugging
+Face Trainer's placeholder) counts as "not set". All contradictions are reported in one error.
 """
 from __future__ import annotations
 
+import copy
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from launcher.batch import BatchPlan, plan_batch
 from launcher.config import ConfigError, RunConfig, flatten
 
-# DeepSpeed key path -> the run-config key that owns it (what the user should change instead).
-OWNED: dict[str, str] = {
-    "train_batch_size": "train.global_batch_size / micro_batch_size x grad_accum x world",
-    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
-    "gradient_accumulation_steps": "train.grad_accum",
-    "gradient_clipping": "train.grad_clip",
-    "bf16.enabled": "precision.dtype",
-    "fp16.enabled": "precision.dtype",
-    "zero_optimization.stage": "zero.stage",
-    "zero_optimization.offload_optimizer.device": "zero.offload_optimizer",
-    "zero_optimization.offload_param.device": "zero.offload_param",
-    "zero_optimization.stage3_param_persistence_threshold": "zero.param_persistence_threshold",
-    "zero_optimization.overlap_comm": "zero.overlap_comm",
-    "zero_optimization.reduce_bucket_size": "zero.reduce_bucket_size",
-    "optimizer": "train.optimizer (the trainer builds the optimizer)",
-    "scheduler": "train.scheduler (the trainer builds the scheduler)",
-    "zero_force_ds_cpu_optimizer": "train.allow_bnb_offload (with a bitsandbytes train.optimizer)",
-}
+Value = Callable[[RunConfig, BatchPlan], Any]
+
+
+@dataclass(frozen=True)
+class Key:
+    path: str  # dotted DeepSpeed key
+    value: Value  # what we render
+    owner: Optional[str] = None  # the run-config key that owns it; None = a default the base JSON may change
+    when: Callable[[RunConfig], bool] = lambda c: True  # rendered only when this holds
+    note: str = ""  # why it is owned, when the owner alone does not say
+
+
+def _const(v: Any) -> Value:
+    return lambda c, p: v
+
+
+def _stage(*stages: int) -> Callable[[RunConfig], bool]:
+    return lambda c: c.zero.stage in stages
+
+
+def _bnb_offload(c: RunConfig) -> bool:  # a bitsandbytes optimizer under optimizer offload (opt-in)
+    return c.zero.offload_optimizer and c.train.optimizer.endswith("8bit")
+
+
+_Z = "zero_optimization."
+TABLE: tuple[Key, ...] = (
+    Key("train_batch_size", lambda c, p: p.global_batch_size,
+        "train.global_batch_size / micro_batch_size x grad_accum x world"),
+    Key("train_micro_batch_size_per_gpu", lambda c, p: p.micro_batch_size, "train.micro_batch_size"),
+    Key("gradient_accumulation_steps", lambda c, p: p.grad_accum, "train.grad_accum"),
+    Key("gradient_clipping", lambda c, p: c.train.grad_clip, "train.grad_clip"),
+    Key("bf16.enabled", lambda c, p: c.precision.dtype == "bf16", "precision.dtype"),
+    Key("fp16.enabled", lambda c, p: c.precision.dtype == "fp16", "precision.dtype"),
+    Key("fp16.loss_scale", _const(0)),  # 0 = dynamic loss scaling
+    Key("fp16.initial_scale_power", _const(16)),
+    Key("fp16.loss_scale_window", _const(1000)),
+    Key("fp16.hysteresis", _const(2)),
+    Key("fp16.min_loss_scale", _const(1)),
+    Key(_Z + "stage", lambda c, p: c.zero.stage, "zero.stage"),
+    Key(_Z + "overlap_comm", lambda c, p: c.zero.overlap_comm, "zero.overlap_comm"),
+    Key(_Z + "contiguous_gradients", _const(True)),
+    Key(_Z + "reduce_bucket_size", lambda c, p: c.zero.reduce_bucket_size, "zero.reduce_bucket_size"),
+    Key(_Z + "offload_optimizer.device", lambda c, p: "cpu" if c.zero.offload_optimizer else "none",
+        "zero.offload_optimizer", when=_stage(1, 2, 3)),
+    Key(_Z + "offload_optimizer.pin_memory", _const(False), when=_stage(1, 2, 3)),
+    Key(_Z + "offload_param.device", lambda c, p: "cpu" if c.zero.offload_param else "none",
+        "zero.offload_param", when=_stage(3)),
+    Key(_Z + "offload_param.pin_memory", _const(False), when=_stage(3)),
+    Key(_Z + "stage3_param_persistence_threshold", lambda c, p: c.zero.param_persistence_threshold,
+        "zero.param_persistence_threshold", when=_stage(3)),
+    Key(_Z + "stage3_prefetch_bucket_size", _const(50_000_000), when=_stage(3)),
+    Key(_Z + "stage3_max_live_parameters", _const(1_000_000_000), when=_stage(3)),
+    Key(_Z + "stage3_max_reuse_distance", _const(1_000_000_000), when=_stage(3)),
+    Key(_Z + "stage3_gather_16bit_weights_on_model_save", _const(True), when=_stage(3)),
+    # We always hand DeepSpeed a client optimizer built by the trainer.
+    Key("zero_allow_untested_optimizer", _const(True), "train.optimizer",
+        note="the trainer hands DeepSpeed its own optimizer"),
+    Key("steps_per_print", _const(1_000_000_000)),
+    Key("wall_clock_breakdown", _const(False)),
+    Key("zero_force_ds_cpu_optimizer", _const(False), "train.allow_bnb_offload (with a bitsandbytes train.optimizer)",
+        when=_bnb_offload),
+    # Owned but never rendered: the trainer builds the optimizer and the LR schedule itself.
+    Key("optimizer", _const(None), "train.optimizer", when=lambda c: False,
+        note="the trainer builds the optimizer and scheduler"),
+    Key("scheduler", _const(None), "train.scheduler", when=lambda c: False,
+        note="the trainer builds the optimizer and scheduler"),
+)
+# DeepSpeed key -> the run-config key that owns it.
+OWNED: dict[str, str] = {k.path: k.owner for k in TABLE if k.owner}
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        if not isinstance(tree.get(part), dict):
+            tree[part] = {}
+        tree = tree[part]
+    tree[leaf] = value
+
+
+def _plan(cfg: RunConfig, plan: Optional[BatchPlan]) -> BatchPlan:
+    t = cfg.train
+    return plan or plan_batch(t.micro_batch_size, t.grad_accum, t.global_batch_size, cfg.world_size)
 
 
 def render_ds_config(cfg: RunConfig, plan: Optional[BatchPlan] = None) -> dict[str, Any]:
-    """The DeepSpeed config for ``cfg`` (and the batch plan of the world it runs in)."""
-    t, z = cfg.train, cfg.zero
-    plan = plan or plan_batch(t.micro_batch_size, t.grad_accum, t.global_batch_size, cfg.world_size)
-    zero: dict[str, Any] = {
-        "stage": z.stage,
-        "overlap_comm": z.overlap_comm,
-        "contiguous_gradients": True,
-        "reduce_bucket_size": z.reduce_bucket_size,
-    }
-    if z.stage >= 1:
-        zero["offload_optimizer"] = {"device": "cpu" if z.offload_optimizer else "none", "pin_memory": False}
-    if z.stage == 3:
-        zero.update({
-            "offload_param": {"device": "cpu" if z.offload_param else "none", "pin_memory": False},
-            "stage3_param_persistence_threshold": z.param_persistence_threshold,
-            "stage3_prefetch_bucket_size": 50_000_000,
-            "stage3_max_live_parameters": 1_000_000_000,
-            "stage3_max_reuse_distance": 1_000_000_000,
-            "stage3_gather_16bit_weights_on_model_save": True,
-        })
-    dtype = cfg.precision.dtype
-    out: dict[str, Any] = {
-        "train_batch_size": plan.global_batch_size,
-        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
-        "gradient_accumulation_steps": plan.grad_accum,
-        "gradient_clipping": t.grad_clip,
-        "bf16": {"enabled": dtype == "bf16"},
-        "fp16": {"enabled": dtype == "fp16", "loss_scale": 0, "initial_scale_power": 16,
-                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
-        "zero_optimization": zero,
-        # We always hand DeepSpeed a client optimizer built by the trainer.
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 1_000_000_000,
-        "wall_clock_breakdown": False,
-    }
-    if z.offload_optimizer and t.optimizer.endswith("8bit"):  # bnb under offload (allowed by opt-in only)
-        out["zero_force_ds_cpu_optimizer"] = False
+    """The DeepSpeed config for ``cfg`` (and the batch plan of the world it runs in): every
+    table key whose condition holds, in table order."""
+    plan = _plan(cfg, plan)
+    out: dict[str, Any] = {}
+    for key in TABLE:
+        if key.when(cfg):
+            _set(out, key.path, key.value(cfg, plan))
     return out
 
 
-def _deep_merge(base: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in ours.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+def _owner_of(key: str) -> Optional[Key]:
+    """The owned table entry at ``key`` or above it (``optimizer.type`` belongs to ``optimizer``)."""
+    return next((k for k in TABLE if k.owner and (key == k.path or key.startswith(k.path + "."))), None)
 
 
-def merge_base(base: dict[str, Any], rendered: dict[str, Any], source: str) -> dict[str, Any]:
-    """Merge a user DeepSpeed JSON under ours; any owned key it sets differently is an error."""
-    flat_base, flat_ours = flatten(base), flatten(rendered)
+def merge_base(base: dict[str, Any], cfg: RunConfig, plan: Optional[BatchPlan], source: str) -> dict[str, Any]:
+    """The rendered config with a user base JSON: base keys we do not own pass through, base values
+    replace our defaults, and any owned key the base sets differently is an error (all at once)."""
+    rendered = render_ds_config(cfg, plan)
+    ours = flatten(rendered)
     mismatches = []
-    for key, value in sorted(flat_base.items()):
-        owner = next((OWNED[o] for o in OWNED if key == o or key.startswith(o + ".")), None)
-        if owner is None or value == "auto":
+    out = copy.deepcopy(rendered)
+    for key, value in flatten(base).items():
+        if value == "auto":
             continue
-        if key.startswith(("optimizer", "scheduler")):
-            mismatches.append(f"'{key}' = {value!r} in {source}: the trainer builds the optimizer and "
-                              f"scheduler; remove it and use {owner}")
-        elif key in flat_ours and flat_ours[key] != value:
-            mismatches.append(f"'{key}' = {value!r} in {source} contradicts the run config, which gives "
-                              f"{flat_ours[key]!r}; remove it from the JSON or set {owner}")
+        owned = _owner_of(key)
+        if owned is not None:
+            if key not in ours:
+                why = owned.note or "the run config sets it"
+                mismatches.append(f"'{key}' = {value!r} in {source}: {why}; remove it from the JSON and use "
+                                  f"{owned.owner}")
+            elif ours[key] != value:
+                mismatches.append(f"'{key}' = {value!r} in {source} contradicts the run config, which gives "
+                                  f"{ours[key]!r}; remove it from the JSON or set {owned.owner}")
+            continue
+        below = [k for k in OWNED if k.startswith(key + ".")]
+        if below and not isinstance(value, dict):
+            mismatches.append(f"'{key}' = {value!r} in {source} must be a section: the run config sets "
+                              f"{below[0]} ({OWNED[below[0]]}); remove it from the JSON")
+            continue
+        if isinstance(value, dict) and not value:
+            continue  # an empty section adds nothing
+        _set(out, key, value)  # a default replaced, or a key we do not know
     if mismatches:
         raise ConfigError(mismatches, source)
-    base = {k: v for k, v in base.items() if k not in ("optimizer", "scheduler")}
-    return _deep_merge(base, rendered)
+    return out
+
+
+def read_base(path_str: str) -> dict[str, Any]:
+    """The user's base DeepSpeed JSON: a file holding one JSON object."""
+    path = Path(path_str)
+    key = f"'zero.base_config' = {path_str!r}"
+    if not path.exists():
+        raise ConfigError([f"{key} does not exist; fix the path or remove the key"])
+    if not path.is_file():
+        raise ConfigError([f"{key} is not a file; point it at a DeepSpeed JSON file"])
+    try:
+        base = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError([f"{key} is not UTF-8 text (a binary file?); point it at a DeepSpeed JSON file"]) from None
+    except json.JSONDecodeError as e:
+        raise ConfigError([f"{key} is not valid JSON ({e})"]) from None
+    except OSError as e:
+        raise ConfigError([f"{key} cannot be read ({e.strerror}); check its permissions"]) from None
+    if not isinstance(base, dict):
+        raise ConfigError([f"{key} holds a JSON {type(base).__name__}, not an object; a DeepSpeed config is "
+                           "one JSON object ({...})"])
+    return base
 
 
 def build_ds_config(cfg: RunConfig, plan: Optional[BatchPlan] = None) -> dict[str, Any]:
     """Rendered config, merged with the user's base JSON when one is configured."""
-    rendered = render_ds_config(cfg, plan)
     if cfg.zero.base_config is None:
-        return rendered
-    path = Path(cfg.zero.base_config)
-    try:
-        base = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError([f"'zero.base_config' = {str(path)!r} does not exist; fix the path or remove the key"]) from None
-    except json.JSONDecodeError as e:
-        raise ConfigError([f"'zero.base_config' = {str(path)!r} is not valid JSON ({e})"]) from None
-    return merge_base(base, rendered, str(path))
+        return render_ds_config(cfg, plan)
+    return merge_base(read_base(cfg.zero.base_config), cfg, plan, cfg.zero.base_config)

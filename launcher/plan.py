@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from launcher import rundir
 from launcher.batch import plan_batch
-from launcher.config import RunConfig, to_yaml, validate
+from launcher.config import RunConfig, to_yaml
 from launcher.memory import MemoryEstimate, estimate, lora_params
 from launcher.slurm import ScriptSpec, comment, q, render_script, sbatch_argv, sbatch_options
 
@@ -24,7 +25,7 @@ PRESETS: dict[str, dict] = {
     "zero3_offload": {"stage": 3, "offload_optimizer": True, "offload_param": True},
 }
 DEFAULT_PRESET = "zero2"  # = the config defaults; slurm/finetune.sh is rendered from it
-GENERATED_KEY = "_generated_by"  # JSON holds no comments; DeepSpeed ignores unknown top-level keys
+GENERATED_KEY = rundir.GENERATED_KEY
 
 
 @dataclass(frozen=True)
@@ -56,16 +57,17 @@ def make_plan(cfg: RunConfig, config_path: str, overrides: list[str], cwd: Path,
               repo: str) -> Plan:
     """Everything ``render``/``submit``/``run`` would write and run for ``cfg``."""
     run_dir = Path(cwd, cfg.run_dir)
+    layout = rundir.RunDir(run_dir)
     regenerate = render_command(config_path, overrides, cfg.run_dir)
-    script, config = run_dir / "finetune.sh", run_dir / "config.yaml"
+    script, config = layout.script, layout.config
     options = sbatch_options(cfg, str(run_dir))
     spec = ScriptSpec(options=options, regenerate=regenerate, python=cfg.slurm.python or python, repo=repo,
                       config=str(config), env_setup=list(cfg.slurm.env_setup))
     files = {config: render_config_yaml(cfg, regenerate),
-             run_dir / "ds_config.json": render_ds_json(cfg, regenerate),
+             layout.ds_config: render_ds_json(cfg, regenerate),
              script: render_script(spec)}
     return Plan(cfg, run_dir, files, script, config, sbatch_argv(options, str(script), [str(config)]),
-                run_dir / "hostfile")
+                layout.hostfile)
 
 
 def deepspeed_argv(plan: Plan, deepspeed: str, master_port: int, nnodes: int = 1, node_rank: int = 0,
@@ -140,6 +142,8 @@ def model_state(cfg: RunConfig, n_params: int, hf_config: dict) -> tuple[MemoryE
 
 def preset_config(name: str) -> RunConfig:
     """The default config with a preset's ZeRO section (placeholder model/data paths)."""
+    from launcher.rules import validate
+
     return validate({"run_dir": "runs/preset", "model": {"name_or_path": "MODEL_DIR"},
                      "data": {"train": "DATA.jsonl"}, "train": {"max_steps": 1},
                      "precision": {"dtype": "bf16"}, "zero": PRESETS[name]}, source=f"preset {name}")

@@ -14,13 +14,11 @@ from __future__ import annotations
 import re
 import shlex
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
-if TYPE_CHECKING:  # launcher/config.py imports slurm_problems from here
-    from launcher.config import RunConfig
+from launcher import rundir
+from launcher.config import RunConfig
 
-OUT_NAME = "slurm-%j.out"
-ERR_NAME = "slurm-%j.err"
 _DIRECTIVE_SAFE = re.compile(r"[A-Za-z0-9._/:@+=,%-]+")
 
 
@@ -44,27 +42,6 @@ def slurm_filename(path: str) -> str:
     return path.replace("%", "%%")
 
 
-def slurm_problems(cfg: "RunConfig") -> list[str]:
-    """Cross-field rules of the slurm section (part of cross_field_problems). Pure."""
-    s, d, p = cfg.slurm, cfg.dist, []
-    if s.signal_lead_s >= s.time_min * 60:
-        p.append(f"'slurm.signal_lead_s' = {s.signal_lead_s} is not shorter than the time limit 'slurm.time_min' = "
-                 f"{s.time_min} min ({s.time_min * 60} s), so the job would be told to stop before it trains; "
-                 f"raise slurm.time_min or lower slurm.signal_lead_s")
-    if s.gpus_per_node and s.gpus_per_node != d.procs_per_node:
-        p.append(f"'slurm.gpus_per_node' = {s.gpus_per_node} but 'dist.procs_per_node' = {d.procs_per_node}: the job "
-                 f"starts one rank per GPU, a world of {d.nodes} x {s.gpus_per_node} = {d.nodes * s.gpus_per_node}, "
-                 f"not the {cfg.world_size} the batch math plans; set dist.procs_per_node={s.gpus_per_node} (or "
-                 "leave slurm.gpus_per_node unset; 0 = CPU-only nodes)")
-    if not s.job_name.strip():
-        p.append("'slurm.job_name' is empty; give the job a name (e.g. slurm.job_name=finetune)")
-    for key in ("partition", "account", "qos", "constraint", "python"):
-        value = getattr(s, key)
-        if value is not None and not value.strip():
-            p.append(f"'slurm.{key}' = {value!r} is empty; remove the key to use the default")
-    return p
-
-
 def sbatch_options(cfg: RunConfig, out_dir: Optional[str]) -> list[tuple[str, str]]:
     """(option, value) pairs for the batch script; ``out_dir`` None = the submit directory."""
     s, d = cfg.slurm, cfg.dist
@@ -81,7 +58,7 @@ def sbatch_options(cfg: RunConfig, out_dir: Optional[str]) -> list[tuple[str, st
         if value is not None:
             opts.append((key, value))
     prefix = "" if out_dir is None else slurm_filename(out_dir.rstrip("/") + "/")
-    opts += [("output", prefix + OUT_NAME), ("error", prefix + ERR_NAME),
+    opts += [("output", prefix + rundir.SLURM_OUT), ("error", prefix + rundir.SLURM_ERR),
              ("signal", f"B:{s.signal}@{s.signal_lead_s}"), ("requeue", ""), ("open-mode", "append")]
     return opts
 
@@ -120,7 +97,8 @@ def render_script(spec: ScriptSpec) -> str:
     default_config = q(spec.config) if spec.config is not None else "''"
     return _TEMPLATE.format(regenerate=comment(spec.regenerate), directives="\n".join(directives),
                             default_config=default_config, env_setup=env_setup, repo=repo,
-                            python=q(spec.python))
+                            python=q(spec.python), done=rundir.DONE, stop=rundir.STOP,
+                            checkpoints=rundir.CHECKPOINTS)
 
 
 def shell_assignments(values: dict[str, object]) -> str:
@@ -167,8 +145,8 @@ facts=$("$PYTHON" -m launcher job-facts "$CONFIG" "${{OVERRIDES[@]}}") || exit 2
 eval "$facts"
 
 echo "[finetune] job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}) on $SLURM_JOB_NODELIST; run dir: $RUN_DIR"
-if [ -e "$RUN_DIR/DONE" ]; then
-  echo "[finetune] the run already finished ($RUN_DIR/DONE); nothing to do"
+if [ -e "$RUN_DIR/{done}" ]; then
+  echo "[finetune] the run already finished ($RUN_DIR/{done}); nothing to do"
   exit 0
 fi
 
@@ -178,7 +156,7 @@ request_stop() {{
   stop_requested=1
   interrupted=1
   echo "[finetune] SIG$1 received: every rank checkpoints at its next optimizer step"
-  touch "$RUN_DIR/STOP"
+  touch "$RUN_DIR/{stop}"
 }}
 trap 'request_stop USR1' USR1
 trap 'request_stop USR2' USR2
@@ -209,12 +187,12 @@ while :; do
   [ "$interrupted" = 1 ] || break  # a trapped signal ended `wait` early: srun is still running
 done
 
-if [ -e "$RUN_DIR/DONE" ]; then
+if [ -e "$RUN_DIR/{done}" ]; then
   echo "[finetune] finished: $RUN_DIR"
   exit 0
 fi
 if [ "$rc" -ne 0 ]; then
-  echo "[finetune] training failed (exit $rc); complete checkpoints stay in $RUN_DIR/checkpoints" >&2
+  echo "[finetune] training failed (exit $rc); complete checkpoints stay in $RUN_DIR/{checkpoints}" >&2
   exit "$rc"
 fi
 if [ "$stop_requested" = 1 ]; then
@@ -229,6 +207,6 @@ if [ "$stop_requested" = 1 ]; then
        "(slurm.max_requeues=$MAX_REQUEUES); submit it again to resume" >&2
   exit 1
 fi
-echo "[finetune] stopped by $RUN_DIR/STOP before the end; submit the job again to resume"
+echo "[finetune] stopped by $RUN_DIR/{stop} before the end; submit the job again to resume"
 exit 0
 """

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from launcher.config import validate  # noqa: E402
+from launcher.rules import validate  # noqa: E402
 from trainer.dist import init_distributed  # noqa: E402
 from trainer.main import run  # noqa: E402
 from trainer import stop as stop_mod  # noqa: E402

@@ -11,6 +11,7 @@ def export_eval_loss(cfg, world) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trainer import data as D
+    from trainer.encode import CausalLMEncoder
 
     if not world.is_main:
         return {}
@@ -19,9 +20,7 @@ def export_eval_loss(cfg, world) -> dict:
     tok = AutoTokenizer.from_pretrained(str(export))
     d = cfg.data
     rows = D.load_rows(d.eval)
-    enc = D.make_encoder(tok, d.format, {"text": d.text_field, "prompt": d.prompt_field,
-                         "response": d.response_field, "messages": d.messages_field}, d.mask_prompt, d.max_length)
-    split = D.tokenize(rows, enc, False, d.max_length, "probe")
+    split = D.tokenize(rows, CausalLMEncoder(tok, d), False, d.max_length, "probe")
     loss_sum = tokens = 0.0
     with torch.no_grad():
         for i in range(0, len(split.dataset), 8):

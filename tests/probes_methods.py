@@ -9,11 +9,10 @@ from pathlib import Path
 
 def _eval_split(cfg, tok):
     from trainer import data as D
+    from trainer.encode import CausalLMEncoder
 
     d = cfg.data
-    enc = D.make_encoder(tok, d.format, {"text": d.text_field, "prompt": d.prompt_field,
-                         "response": d.response_field, "messages": d.messages_field}, d.mask_prompt, d.max_length)
-    return D.tokenize(D.load_rows(d.eval), enc, False, d.max_length, "probe").dataset
+    return D.tokenize(D.load_rows(d.eval), CausalLMEncoder(tok, d), False, d.max_length, "probe").dataset
 
 
 def _eval(model, split, pad_id):

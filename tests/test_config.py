@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from launcher.batch import BatchPlan, fit_world, plan_batch
-from launcher.config import ConfigError, load_config, parse_overrides, validate
+from launcher.config import ConfigError
+from launcher.rules import load_config, parse_overrides, validate
 from launcher.ds_config import OWNED, build_ds_config, render_ds_config
 
 BASE = {"run_dir": "runs/x", "model": {"tokenizer": "tok", "config": {"model_type": "llama"}},
@@ -73,7 +74,7 @@ def test_overrides_are_yaml_typed_and_dotted(tmp_path):
     import yaml
 
     p.write_text(yaml.safe_dump(BASE))
-    cfg = load_config(p, ["train.lr=1e-3", "zero.stage=3", "data.packing=true"])
+    cfg = load_config(p, ["train.lr=1e-3", "zero.stage=3", "data.packing=true"], disk=False)
     assert cfg.train.lr == 1e-3 and cfg.zero.stage == 3 and cfg.data.packing is True
     with pytest.raises(ConfigError) as e:
         load_config(p, ["train.lr"])
@@ -139,3 +140,52 @@ def test_base_json_contradictions_are_one_error_listing_every_mismatch(tmp_path)
     assert merged["comms_logger"] == {"enabled": False}
     assert merged["zero_optimization"]["round_robin_gradients"] is True and merged["zero_optimization"]["stage"] == 2
     assert set(OWNED) >= {"train_batch_size", "zero_optimization.stage", "bf16.enabled"}
+
+
+def test_base_json_defaults_survive_and_owned_keys_are_refused(tmp_path):
+    """One table drives rendering and merging: a default key (steps_per_print, contiguous_gradients,
+    fp16.loss_scale, ...) takes the base JSON's value; an owned key must agree with the run config."""
+    from launcher.ds_config import TABLE
+
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps({"steps_per_print": 7, "fp16": {"loss_scale": 128, "hysteresis": 4},
+                                "zero_optimization": {"contiguous_gradients": False,
+                                                      "stage3_prefetch_bucket_size": 123}}))
+    cfg = validate(cfg_with(zero__base_config=str(base), zero__stage=3, precision__dtype="bf16"))
+    ds = build_ds_config(cfg)
+    assert ds["steps_per_print"] == 7 and ds["fp16"]["loss_scale"] == 128 and ds["fp16"]["hysteresis"] == 4
+    assert ds["zero_optimization"]["contiguous_gradients"] is False
+    assert ds["zero_optimization"]["stage3_prefetch_bucket_size"] == 123
+    plain = render_ds_config(cfg)  # without the base, our defaults
+    assert (plain["steps_per_print"], plain["fp16"]["loss_scale"], plain["zero_optimization"]["contiguous_gradients"]) \
+        == (1_000_000_000, 0, True)
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] is True  # owned keys stay ours
+    # every key we render is in the table, owned or default, and nothing else is rendered
+    from launcher.config import flatten
+
+    rendered = set(flatten(plain))
+    assert rendered == {k.path for k in TABLE if k.when(cfg)}
+    defaults = {k.path for k in TABLE if not k.owner}
+    assert {"steps_per_print", "zero_optimization.contiguous_gradients", "fp16.loss_scale"} <= defaults
+    # an owned key that the config does not render here (offload of a bnb optimizer) is still ours
+    base.write_text(json.dumps({"zero_force_ds_cpu_optimizer": False, "zero_optimization": 3}))
+    with pytest.raises(ConfigError) as e:
+        build_ds_config(cfg)
+    assert any("'zero_force_ds_cpu_optimizer' = False" in m and "train.allow_bnb_offload" in m for m in e.value.problems)
+    assert any("'zero_optimization' = 3" in m and "must be a section" in m for m in e.value.problems)
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "null", b"\x89PNG\x00\xff", "dir"])
+def test_a_base_json_that_is_not_one_object_is_a_clear_error(tmp_path, content):
+    base = tmp_path / "base.json"
+    if content == "dir":
+        base.mkdir()
+    elif isinstance(content, bytes):
+        base.write_bytes(content)
+    else:
+        base.write_text(content)
+    cfg = validate(cfg_with(zero__base_config=str(base)))
+    with pytest.raises(ConfigError) as e:
+        build_ds_config(cfg)
+    (msg,) = e.value.problems
+    assert msg.startswith(f"'zero.base_config' = {str(base)!r}") and ("DeepSpeed" in msg or "JSON" in msg), msg

@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 
 from helpers import TOKENIZER, arith_rows, write_jsonl
+from launcher.config import DataConfig
 from trainer import data as D
+from trainer import encode as E
 from trainer.optim import lr_factor
 
 
@@ -16,18 +18,18 @@ def tok():
 
 
 def test_prompt_tokens_are_masked_and_response_ends_with_eos(tok):
-    ids, labels = D.encode_prompt_response(tok, "What is 1 plus 2?", " 1 plus 2 is 3.", mask_prompt=True)
+    ids, labels = E.encode_prompt_response(tok, "What is 1 plus 2?", " 1 plus 2 is 3.", mask_prompt=True)
     n_prompt = len(tok("What is 1 plus 2?")["input_ids"])
     assert labels[:n_prompt] == [D.IGNORE] * n_prompt
     assert labels[n_prompt:] == ids[n_prompt:] and ids[-1] == tok.eos_token_id
-    _, unmasked = D.encode_prompt_response(tok, "What is 1 plus 2?", " 1 plus 2 is 3.", mask_prompt=False)
+    _, unmasked = E.encode_prompt_response(tok, "What is 1 plus 2?", " 1 plus 2 is 3.", mask_prompt=False)
     assert unmasked == ids
 
 
 def test_chat_learns_only_assistant_turns(tok):
     msgs = [{"role": "user", "content": "What is 1 plus 2?"}, {"role": "assistant", "content": " 3."},
             {"role": "user", "content": "And 2 plus 2?"}, {"role": "assistant", "content": " 4."}]
-    ids, labels = D.encode_chat(tok, msgs, mask_prompt=True)
+    ids, labels = E.encode_chat(tok, msgs, mask_prompt=True)
     learned = tok.decode([i for i, l in zip(ids, labels) if l != D.IGNORE])
     assert learned == " 3.</s> 4.</s>"
     assert ids == list(tok.apply_chat_template(msgs, tokenize=True, return_dict=False))
@@ -38,7 +40,7 @@ def test_truncation_is_counted_and_rows_without_targets_dropped(tok, tmp_path):
             {"prompt": "What is 1 plus 2?" + " please" * 30, "response": " 3."},  # prompt fills max_length
             {"prompt": "Hi", "response": " a long answer" * 20}]
     ds = D.load_rows(str(write_jsonl(tmp_path / "t.jsonl", rows)))
-    enc = D.make_encoder(tok, "prompt_response", {"prompt": "prompt", "response": "response"}, True, 24)
+    enc = E.CausalLMEncoder(tok, DataConfig(train="t.jsonl", format="prompt_response", max_length=24))
     split = D.tokenize(ds, enc, packing=False, max_length=24, desc="t")
     assert (split.rows_in, split.truncated, split.dropped_no_target, len(split.dataset)) == (3, 2, 1, 2)
     assert max(len(r) for r in split.dataset["input_ids"]) == 24
@@ -74,7 +76,8 @@ def test_bad_files_name_file_and_line(tmp_path):
         D.load_rows(str(tmp_path / "none.jsonl"))
     ds = D.load_rows(str(write_jsonl(tmp_path / "ok.jsonl", [{"question": "q", "response": "r"}])))
     with pytest.raises(D.DataError) as e:
-        D.check_columns(ds, "ok.jsonl", ["prompt", "response"], "prompt_response")
+        D.check_columns(ds, "ok.jsonl", [("prompt", "data.prompt_field"), ("response", "data.response_field")],
+                        "data.format='prompt_response'")
     assert "column(s) ['prompt'] missing" in str(e.value) and "['question', 'response']" in str(e.value)
     assert "data.prompt_field" in str(e.value)
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from helpers import arith_rows, error_of, launch, losses, result, tiny_config, write_jsonl
-from launcher.config import to_yaml, validate
+from launcher.config import to_yaml
+from launcher.rules import validate
 
 GOOD = {
     "text": {"data": {"format": "text"}},

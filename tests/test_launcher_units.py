@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from helpers import ROOT, TINY_LLAMA, arith_rows, tiny_config, write_jsonl
-from launcher.checks import load_checked
-from launcher.config import ConfigError, read_yaml, validate
+from launcher.config import ConfigError
+from launcher.rules import load_config, read_yaml, validate
 from launcher.memory import count_params, estimate, lora_params, params_from_hf_config
 from launcher.plan import GENERATED_KEY, PRESETS, PRESETS_COMMAND, make_plan, model_state, render_presets
 from launcher.slurm import ScriptSpec, directive_safe, q, render_script, sbatch_options
@@ -45,7 +45,7 @@ def good_config(tmp: Path, name: str = "run", **sections) -> tuple[Path, dict]:
 
 
 def test_launcher_imports_without_torch():
-    code = ("import sys, launcher.__main__, launcher.plan, launcher.slurm, launcher.memory, launcher.checks, "
+    code = ("import sys, launcher.__main__, launcher.plan, launcher.slurm, launcher.memory, launcher.rules, "
             "launcher.execute; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -210,7 +210,7 @@ def test_config_and_disk_problems_are_reported_together(tmp_path):
     cfg["train"]["global_batch_size"] = 12  # micro 4 x world 2 = 8 does not divide it
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(ConfigError) as e:
-        load_checked(str(path), ["slurm.time_min=1", "slurm.signal_lead_s=90"])
+        load_config(str(path), ["slurm.time_min=1", "slurm.signal_lead_s=90"])
     msgs = e.value.problems
     assert len(msgs) == 5, msgs
     assert any(f"'model.tokenizer' = '{tmp_path / 'no-tokenizer'}' does not exist" in m for m in msgs)
@@ -221,7 +221,7 @@ def test_config_and_disk_problems_are_reported_together(tmp_path):
     assert any("'train.global_batch_size' = 12 is not divisible" in m for m in msgs)
     # schema errors (unknown keys, bad values) and missing paths come together too
     with pytest.raises(ConfigError) as e:
-        load_checked(str(path), ["train.lrr=1", "zero.stage=5"])
+        load_config(str(path), ["train.lrr=1", "zero.stage=5"])
     msgs = e.value.problems
     assert len(msgs) == 5, msgs
     assert any("unknown key 'train.lrr'" in m for m in msgs) and any("'zero.stage' = 5" in m for m in msgs)
@@ -231,19 +231,19 @@ def test_config_and_disk_problems_are_reported_together(tmp_path):
 def test_a_run_dir_holding_another_run_or_a_finished_run_is_refused(tmp_path):
     path, _ = good_config(tmp_path)
     cli("render", path, cwd=tmp_path, check=0)
-    load_checked(str(path), [])  # the same run again: fine (it resumes)
+    load_config(str(path), [])  # the same run again: fine (it resumes)
     saved = read_yaml(tmp_path / "run" / "config.yaml")
     del saved["slurm"]  # as written by an older version without that section: defaults do not count
     (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(saved))
-    load_checked(str(path), [])
-    load_checked(str(path), ["slurm.time_min=600", "slurm.partition=long"])  # resubmitting differently: same run
+    load_config(str(path), [])
+    load_config(str(path), ["slurm.time_min=600", "slurm.partition=long"])  # resubmitting differently: same run
     with pytest.raises(ConfigError) as e:
-        load_checked(str(path), ["train.lr=0.5", "seed=1"])
+        load_config(str(path), ["train.lr=0.5", "seed=1"])
     (msg,) = e.value.problems
     assert "holds a different run's config (differs in: seed, train.lr)" in msg and "choose a new run_dir" in msg
     (tmp_path / "run" / "DONE").write_text("{}")
     with pytest.raises(ConfigError) as e:
-        load_checked(str(path), [])
+        load_config(str(path), [])
     assert "holds a finished run" in e.value.problems[0]
     p = cli("submit", path, "--dry-run", cwd=tmp_path, check=2)
     assert "holds a finished run" in p.stderr

@@ -132,7 +132,7 @@ def runs(tmp_path_factory):
     sc.append({"name": "bad-pair", "config": cls_config(
         tmp / "bad-pair", topics, topic_model, task={"type": "sequence_classification", "text_pair_field": "text_b"})})
     # the shipped MiniLM example: untrained head (lr 0) vs a short fine-tune, on the held-out split
-    from launcher.config import read_yaml
+    from launcher.rules import read_yaml
 
     example = read_yaml(ROOT / "examples" / "minilm-classify.yaml")
     example["model"]["name_or_path"] = str(minilm_path())

@@ -7,7 +7,10 @@ import math
 
 import pytest
 
-from launcher.config import PER_LABEL_METRICS, TASK_METRICS, ConfigError, validate
+from launcher.config import PER_LABEL_METRICS, TASK_METRICS, ConfigError
+from launcher.rules import validate
+from trainer import data as D
+from trainer import encode as E
 from trainer import metrics as M
 from trainer import tasks as T
 from trainer.data import IGNORE, DataError
@@ -83,7 +86,7 @@ def test_token_eval_scores_a_split_word_by_its_first_subword_only():
     names = ["O", "B-LOC", "B-PER", "I-PER"]
     words = ["Zyxborough", "Quentinova", "Smith", "visited", "Zyxborough"]
     gold = ["B-LOC", "B-PER", "I-PER", "O", "B-LOC"]
-    enc = T.encode_words(tok, words, [names.index(t) for t in gold], max_length=64)
+    enc = E.encode_words(tok, words, [names.index(t) for t in gold], max_length=64)
     word_ids = tok(words, is_split_into_words=True).word_ids()
     assert word_ids.count(0) > 1, "the test needs a word split into several sub-words"
     first = [i for i, w in enumerate(word_ids) if w is not None and (i == 0 or word_ids[i - 1] != w)]
@@ -99,8 +102,8 @@ def test_token_eval_scores_a_split_word_by_its_first_subword_only():
     for word, pos in enumerate(first):
         logits[0, pos] = 0.0
         logits[0, pos, pred[word]] = 5.0
-    task = T.TokenClassification(T._Labels(names))
-    batch = T._collate([dict(enc)], [0], pad_id=0, per_token=True)
+    task = T.Classification(T.Labels(names), per_token=True)
+    batch = D.collate([dict(enc)], [0], pad_id=0)
     _, out = task.eval_step(lambda **kw: _Out(logits), batch, [0], "cpu")
     assert out == [(0, [names.index(t) for t in gold], pred)]
     values, report = T.token_metrics(0.0, [out[0][1]], [out[0][2]], names)
@@ -113,7 +116,7 @@ def test_token_eval_scores_a_split_word_by_its_first_subword_only():
 
 
 def test_metric_names_are_the_ones_the_config_accepts():
-    seq = T.SequenceClassification(T._Labels(["x", "y"]))
+    seq = T.Classification(T.Labels(["x", "y"]))
     # eval_metrics gathers across ranks; test the pure part it uses
     values = {"eval/loss": 0.0, **T._prefixed(M.label_metrics([0, 1], [0, 0], ["x", "y"]))}
     tok_values, _ = T.token_metrics(0.0, [[0, 1]], [[0, 1]], ["O", "B-PER"])
@@ -188,12 +191,12 @@ def test_auto_class_weights_are_sklearn_balanced():
     import numpy as np
 
     ids = [0] * 6 + [1] * 3 + [2]
-    ours = T.class_weights(ids, 3, "auto")
+    ours = E.class_weights(ids, 3, "auto")
     assert ours == pytest.approx(compute_class_weight("balanced", classes=np.arange(3), y=ids).tolist())
     assert ours == pytest.approx([10 / 18, 10 / 9, 10 / 3])
     # token classification: counted over every tag; a label absent from training weighs 0
-    assert T.class_weights([[0, 0, 1], [0]], 3, "auto") == pytest.approx([4 / 9, 4 / 3, 0.0])
-    assert T.class_weights(ids, 3, [1, 2, 3]) == [1.0, 2.0, 3.0] and T.class_weights(ids, 3, None) is None
+    assert E.class_weights([[0, 0, 1], [0]], 3, "auto") == pytest.approx([4 / 9, 4 / 3, 0.0])
+    assert E.class_weights(ids, 3, [1, 2, 3]) == [1.0, 2.0, 3.0] and E.class_weights(ids, 3, None) is None
 
 
 def test_weighted_loss_is_the_sum_of_weight_times_cross_entropy():
@@ -202,11 +205,11 @@ def test_weighted_loss_is_the_sum_of_weight_times_cross_entropy():
     logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [1.0, -2.0, 0.0], [0.0, 0.0, 3.0]])
     labels = torch.tensor([0, 2, IGNORE, 1])
     w = [0.5, 2.0, 3.0]
-    got = T._Labels(["a", "b", "c"], w).loss_sum(logits, labels, "cpu").item()
+    got = T.Labels(["a", "b", "c"], w).loss_sum(logits, labels, "cpu").item()
     logp = torch.log_softmax(logits, -1)
     by_hand = -(w[0] * logp[0, 0] + w[2] * logp[1, 2] + w[1] * logp[3, 1]).item()
     assert got == pytest.approx(by_hand, rel=1e-6)
-    plain = T._Labels(["a", "b", "c"]).loss_sum(logits, labels, "cpu").item()
+    plain = T.Labels(["a", "b", "c"]).loss_sum(logits, labels, "cpu").item()
     assert plain == pytest.approx(-(logp[0, 0] + logp[1, 2] + logp[3, 1]).item(), rel=1e-6)
 
 
@@ -215,21 +218,21 @@ def test_weighted_loss_is_the_sum_of_weight_times_cross_entropy():
 
 def test_text_pair_gets_segment_ids_and_truncation_is_flagged():
     tok = minilm_tokenizer()
-    enc = T.encode_sequence(tok, "the team won", "the bank lost money", 3, max_length=64)
+    enc = E.encode_sequence(tok, "the team won", "the bank lost money", 3, max_length=64)
     assert enc["labels"] == 3 and not enc["truncated"]
     sep = tok.sep_token_id
     first_sep = enc["input_ids"].index(sep)
     assert set(enc["token_type_ids"][: first_sep + 1]) == {0} and set(enc["token_type_ids"][first_sep + 1:]) == {1}
-    cut = T.encode_sequence(tok, "one two three four five six seven", None, 0, max_length=5)
+    cut = E.encode_sequence(tok, "one two three four five six seven", None, 0, max_length=5)
     assert cut["truncated"] and len(cut["input_ids"]) == 5 and cut["input_ids"][-1] == sep
-    exact = T.encode_sequence(tok, "one two three", None, 0, max_length=5)  # [CLS] 3 words [SEP]
+    exact = E.encode_sequence(tok, "one two three", None, 0, max_length=5)  # [CLS] 3 words [SEP]
     assert not exact["truncated"] and len(exact["input_ids"]) == 5
 
 
 def test_collate_pads_and_masks_padding_rows():
     rows = [{"input_ids": [5, 6, 7], "token_type_ids": [0, 0, 1], "labels": 1},
             {"input_ids": [5, 6], "token_type_ids": [0, 0], "labels": 0}]
-    b = T._collate(rows, [4, -1], pad_id=0, per_token=False)
+    b = D.collate(rows, [4, -1], pad_id=0)
     assert b["labels"].tolist() == [1, IGNORE] and b["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     assert b["token_type_ids"].tolist() == [[0, 0, 1], [0, 0, 0]] and b["input_ids"].tolist()[1] == [5, 6, 0]
 
@@ -246,19 +249,19 @@ def tok_cfg(**task):
 
 
 def test_label_names_from_data_or_config():
-    assert T.label_names(["pos", "neg", "pos"], None, False) == ["neg", "pos"]
-    assert T.label_names([2, 0, 10], None, False) == ["0", "2", "10"]
-    assert T.label_names([["B-PER", "O"], ["I-PER"]], None, True) == ["O", "B-PER", "I-PER"]
-    assert T.label_names(["x"], ["neg", "pos"], False) == ["neg", "pos"]
+    assert E.label_names(["pos", "neg", "pos"], None, False) == ["neg", "pos"]
+    assert E.label_names([2, 0, 10], None, False) == ["0", "2", "10"]
+    assert E.label_names([["B-PER", "O"], ["I-PER"]], None, True) == ["O", "B-PER", "I-PER"]
+    assert E.label_names(["x"], ["neg", "pos"], False) == ["neg", "pos"]
     cols = {"text": ["a", "b"], "label": [1, "neg"]}  # with task.labels, integers index the list
-    assert T.check_and_map_labels("f.jsonl", cols, seq_cfg(labels=["neg", "pos"]), "text",
+    assert E.check_and_map_labels("f.jsonl", cols, seq_cfg(labels=["neg", "pos"]), "text",
                                   ["neg", "pos"], "task.labels") == [1, 0]
 
 
 def test_label_not_in_the_label_set_names_file_row_and_fix():
     cols = {"text": ["a", "b", "c"], "label": ["pos", "neg", "neutral"]}
     with pytest.raises(DataError) as e:
-        T.check_and_map_labels("data/eval.jsonl", cols, seq_cfg(), "text", ["neg", "pos"],
+        E.check_and_map_labels("data/eval.jsonl", cols, seq_cfg(), "text", ["neg", "pos"],
                                "read from the train split data/train.jsonl")
     msg = str(e.value)
     assert msg.startswith("data/eval.jsonl: row 3: label 'neutral' (column 'label') is not in the label set "
@@ -269,7 +272,7 @@ def test_label_not_in_the_label_set_names_file_row_and_fix():
 def test_token_tag_length_mismatch_names_file_and_row():
     cols = {"tokens": [["a", "b"], ["c", "d", "e"]], "tags": [["O", "O"], ["O", "B-PER"]]}
     with pytest.raises(DataError) as e:
-        T.check_and_map_labels("ner.jsonl", cols, tok_cfg(), "text", ["O", "B-PER"], "x")
+        E.check_and_map_labels("ner.jsonl", cols, tok_cfg(), "text", ["O", "B-PER"], "x")
     assert str(e.value) == ("ner.jsonl: row 2: 3 tokens but 2 tags (columns 'tokens' / 'tags'); "
                             "give exactly one tag per word")
 
@@ -281,14 +284,14 @@ def test_text_pair_config_on_single_text_data_is_named(tmp_path):
 
     path = write_jsonl(tmp_path / "single.jsonl", [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}])
     with pytest.raises(DataError) as e:
-        T.check_columns(str(path), load_rows(str(path)), seq_cfg(text_pair_field="hypothesis"), "text")
+        E.check_classification_columns(str(path), load_rows(str(path)), seq_cfg(text_pair_field="hypothesis"), "text")
     assert str(e.value) == (f"{path}: row 1 has no column 'hypothesis' (task.text_pair_field), so this is "
                             "single-text data (columns: ['text', 'label']); remove task.text_pair_field for "
                             "single-text classification, or add the second text to every row")
     # a pair file where one row lacks its second text
     cols = {"text": ["a", "b"], "hypothesis": ["c", None], "label": ["x", "y"]}
     with pytest.raises(DataError, match=r"f.jsonl: row 2: the second text of the pair \(column 'hypothesis'"):
-        T.check_and_map_labels("f.jsonl", cols, seq_cfg(text_pair_field="hypothesis"), "text", ["x", "y"], "x")
+        E.check_and_map_labels("f.jsonl", cols, seq_cfg(text_pair_field="hypothesis"), "text", ["x", "y"], "x")
 
 
 # --------------------------------------------------------------------------- config rules

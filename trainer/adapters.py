@@ -14,9 +14,9 @@ import contextlib
 import copy
 from pathlib import Path
 
+from launcher.rundir import RunDir
 from trainer.checkpoint import write_pretrained
 
-ADAPTER_DIR = "adapter"
 
 
 def adapter_params(model) -> list:
@@ -58,19 +58,19 @@ def _without_zero3_init():
 
 def merge_adapter(engine, tokenizer, base_path: str, adapter_dir: Path, out_dir: Path, dtype: str) -> None:
     """Rank 0: base (from disk, unquantized) + saved adapter -> merge_and_unload -> save_pretrained."""
-    import torch
     import torch.distributed as dist
 
     if dist.get_rank() == 0:
         from peft import PeftModel
 
+        from trainer.model import torch_dtype
+
         base_model = engine.module.get_base_model()
         config = copy.deepcopy(base_model.config)  # keeps num_labels / id2label of a classifier
         if hasattr(config, "quantization_config"):  # QLoRA: merge into the full-precision base
             del config.quantization_config
-        torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
         with _without_zero3_init():
-            base = type(base_model).from_pretrained(base_path, config=config, dtype=torch_dtype)
+            base = type(base_model).from_pretrained(base_path, config=config, dtype=torch_dtype(dtype))
         merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
         write_pretrained(merged, tokenizer, out_dir)
     dist.barrier()
@@ -80,12 +80,11 @@ def export_peft(engine, tokenizer, cfg, run_dir: Path) -> None:
     """run_dir/adapter, and run_dir/export (merged) when method.merge_adapter is set."""
     import torch.distributed as dist
 
-    adapter_dir = run_dir / ADAPTER_DIR
-    save_adapter(engine, tokenizer, adapter_dir, cfg.zero.stage)
+    layout = RunDir(run_dir)
+    save_adapter(engine, tokenizer, layout.adapter, cfg.zero.stage)
     if cfg.method.merge_adapter:
-        merge_adapter(engine, tokenizer, cfg.model.name_or_path, adapter_dir, run_dir / "export",
-                      cfg.precision.dtype)
+        merge_adapter(engine, tokenizer, cfg.model.name_or_path, layout.adapter, layout.export, cfg.precision.dtype)
     if dist.get_rank() == 0:
-        print(f"adapter (PeftModel.from_pretrained(base, path)): {adapter_dir}"
-              + (f"\nmerged model (from_pretrained): {run_dir / 'export'}" if cfg.method.merge_adapter else ""),
+        print(f"adapter (PeftModel.from_pretrained(base, path)): {layout.adapter}"
+              + (f"\nmerged model (from_pretrained): {layout.export}" if cfg.method.merge_adapter else ""),
               flush=True)

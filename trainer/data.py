@@ -1,8 +1,9 @@
-"""Data: local files -> datasets.Dataset -> token ids + loss labels -> per-rank micro-batches.
+"""Data: local files -> datasets.Dataset; encoded rows -> per-rank micro-batches.
 
-Pure pieces (tokenising a row, the sampling order, collation) are plain functions so they can
-be tested without ranks. The order is a function of (seed, epoch, rank, step): resuming needs
-only the step.
+The same pieces serve every task (the row encoders are in trainer/encode.py, the pipeline that
+strings them together in trainer/prepare.py). Pure pieces (the sampling order, collation) are
+plain functions so they can be tested without ranks. The order is a function of (seed, epoch,
+rank, step): resuming needs only the step.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 IGNORE = -100
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -85,72 +86,17 @@ def load_rows(path_str: str):
     return ds
 
 
-def required_columns(fmt: str, text: str, prompt: str, response: str, messages: str) -> list[str]:
-    return {"text": [text], "prompt_response": [prompt, response], "chat": [messages]}[fmt]
-
-
-def check_columns(ds, path: str, needed: list[str], fmt: str) -> None:
-    missing = [c for c in needed if c not in ds.column_names]
+def check_columns(ds, path: str, wanted: list[tuple[str, str]], context: str) -> None:
+    """Every (column, config key) in ``wanted`` is a column of ``ds``; else one message naming the
+    missing columns, the file's columns and the keys that name them."""
+    missing = [c for c, _ in wanted if c not in ds.column_names]
     if missing:
-        key = {"text": "text_field", "prompt_response": "prompt_field / data.response_field",
-               "chat": "messages_field"}[fmt]
-        raise DataError(f"{path}: column(s) {missing} missing for data.format={fmt!r} "
-                        f"(the file has {ds.column_names}); rename the column(s) or set data.{key}")
+        keys = " / ".join(dict.fromkeys(k for _, k in wanted))
+        raise DataError(f"{path}: column(s) {missing} missing for {context} (the file has {ds.column_names}); "
+                        f"rename the column(s) or set {keys}")
 
 
 # --------------------------------------------------------------------------- tokenising
-
-
-def encode_prompt_response(tok, prompt: str, response: str, mask_prompt: bool) -> tuple[list[int], list[int]]:
-    p = tok(prompt)["input_ids"]
-    r = tok(response, add_special_tokens=False)["input_ids"]
-    if tok.eos_token_id is not None:
-        r = r + [tok.eos_token_id]
-    return p + r, ([IGNORE] * len(p) if mask_prompt else list(p)) + r
-
-
-def encode_text(tok, text: str) -> tuple[list[int], list[int]]:
-    ids = tok(text)["input_ids"]
-    if tok.eos_token_id is not None:
-        ids = ids + [tok.eos_token_id]
-    return ids, list(ids)
-
-
-def _chat_ids(tok, messages, **kw) -> list[int]:
-    return list(tok.apply_chat_template(messages, tokenize=True, return_dict=False, **kw))
-
-
-def encode_chat(tok, messages: list[dict], mask_prompt: bool) -> tuple[list[int], list[int]]:
-    """Render with the tokenizer's chat template; only assistant turns are learned by default."""
-    ids = _chat_ids(tok, messages)
-    if not mask_prompt:
-        return ids, list(ids)
-    labels = [IGNORE] * len(ids)
-    for i, m in enumerate(messages):
-        if m.get("role") != "assistant":
-            continue
-        start = len(_chat_ids(tok, messages[:i], add_generation_prompt=True))
-        end = len(_chat_ids(tok, messages[: i + 1]))
-        if ids[:end] != _chat_ids(tok, messages[: i + 1]):
-            raise DataError("the chat template does not render conversations prefix-consistently, so "
-                            "assistant turns cannot be located; set data.mask_prompt=false")
-        labels[start:end] = ids[start:end]
-    return ids, labels
-
-
-def make_encoder(tok, fmt: str, fields: dict[str, str], mask_prompt: bool, max_length: int) -> Callable:
-    """Row -> {input_ids, labels, truncated}. Over-long rows are cut to max_length and flagged."""
-
-    def encode(row: dict[str, Any]) -> dict[str, Any]:
-        if fmt == "text":
-            ids, labels = encode_text(tok, row[fields["text"]])
-        elif fmt == "prompt_response":
-            ids, labels = encode_prompt_response(tok, row[fields["prompt"]], row[fields["response"]], mask_prompt)
-        else:
-            ids, labels = encode_chat(tok, row[fields["messages"]], mask_prompt)
-        return {"input_ids": ids[:max_length], "labels": labels[:max_length], "truncated": len(ids) > max_length}
-
-    return encode
 
 
 def pack(batch: dict[str, list], max_length: int) -> dict[str, list]:
@@ -164,18 +110,20 @@ def pack(batch: dict[str, list], max_length: int) -> dict[str, list]:
 
 @dataclass
 class TokenizedSplit:
-    dataset: Any  # datasets.Dataset with input_ids, labels
+    dataset: Any  # datasets.Dataset with input_ids, labels (and token_type_ids for some encoders)
     rows_in: int
     truncated: int
     dropped_no_target: int
 
 
-def tokenize(ds, encode: Callable, packing: bool, max_length: int, desc: str) -> TokenizedSplit:
+def tokenize(ds, encoder, packing: bool, max_length: int, desc: str) -> TokenizedSplit:
+    """Encode every row (trainer/encode.py), count the truncated ones, drop those left without a
+    target, and pack when asked."""
     rows_in = len(ds)
-    ds = ds.map(encode, remove_columns=ds.column_names, desc=f"tokenising {desc}")
+    ds = ds.map(encoder, remove_columns=ds.column_names, desc=f"tokenising {desc}")
     truncated = int(sum(ds["truncated"]))
     ds = ds.remove_columns("truncated")
-    ds = ds.filter(lambda r: any(t != IGNORE for t in r["labels"][1:]), desc="dropping rows with no target")
+    ds = ds.filter(encoder.has_target, desc="dropping rows with no target")
     dropped = rows_in - len(ds)
     if packing:
         ds = ds.map(lambda b: pack(b, max_length), batched=True, batch_size=1000, desc="packing")
@@ -221,29 +169,40 @@ def eval_batches(n: int, world: int, rank: int, micro: int) -> list[list[int]]:
     return [mine[i:i + micro] for i in range(0, per_rank, micro)]
 
 
-def collate(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, Any]:
+def collate(rows: list[dict[str, Any]], indices: list[int], pad_id: int) -> dict[str, Any]:
+    """Pad a micro-batch: input ids with ``pad_id``, attention mask and token types with 0; labels
+    one per row, or one per token padded with IGNORE. A padding row (index -1) keeps its inputs but
+    loses its labels."""
     import torch
 
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    n, width = len(rows), max(len(r["input_ids"]) for r in rows)
+    per_token = isinstance(rows[0]["labels"], list)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    labels = torch.full((n, width) if per_token else (n,), IGNORE, dtype=torch.long)
+    with_types = rows[0].get("token_type_ids") is not None
+    types = torch.zeros((n, width), dtype=torch.long)
     for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[i, :n] = torch.tensor(r["input_ids"])
-        labels[i, :n] = torch.tensor(r["labels"])
-        mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        k = len(r["input_ids"])
+        ids[i, :k] = torch.tensor(r["input_ids"])
+        mask[i, :k] = 1
+        if with_types:
+            types[i, :k] = torch.tensor(r["token_type_ids"])
+        if indices[i] >= 0 and per_token:
+            labels[i, :k] = torch.tensor(r["labels"])
+        elif indices[i] >= 0:
+            labels[i] = r["labels"]
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if with_types:
+        batch["token_type_ids"] = types
+    return batch
 
 
 def fetch(ds, indices: list[int], pad_id: int) -> dict[str, Any]:
     """Collate rows by index; index -1 gives a copy of row 0 that contributes no loss."""
-    real = [i if i >= 0 else 0 for i in indices]
-    rows = ds[real]  # column -> list of values
-    rows = [{"input_ids": rows["input_ids"][k],
-             "labels": rows["labels"][k] if indices[k] >= 0 else [IGNORE] * len(rows["labels"][k])}
-            for k in range(len(indices))]
-    return collate(rows, pad_id)
+    cols = ds[[i if i >= 0 else 0 for i in indices]]  # column -> list of values
+    rows = [{k: cols[k][j] for k in cols} for j in range(len(indices))]
+    return collate(rows, indices, pad_id)
 
 
 def target_tokens(batch: dict[str, Any]) -> int:

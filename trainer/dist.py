@@ -7,6 +7,8 @@ import socket
 import subprocess
 from dataclasses import dataclass
 
+from launcher.execute import free_port
+
 
 @dataclass(frozen=True)
 class World:
@@ -24,12 +26,6 @@ class World:
     @property
     def is_cuda(self) -> bool:
         return self.device.startswith("cuda")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def slurm_port(job_id: str) -> int:
@@ -61,7 +57,7 @@ def fill_env_from_launcher(env: os._Environ | dict) -> None:
         return
     env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
     env.setdefault("MASTER_ADDR", "127.0.0.1")
-    env.setdefault("MASTER_PORT", str(_free_port()))
+    env.setdefault("MASTER_PORT", str(free_port()))
 
 
 def init_distributed(local_rank_arg: int | None = None) -> World:

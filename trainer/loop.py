@@ -8,12 +8,13 @@ from typing import Any, Callable, Optional
 
 from launcher.batch import BatchPlan
 from launcher.config import RunConfig
+from launcher.rundir import RunDir
 from trainer import data as D
 from trainer.dist import World, all_reduce_sum, all_reduce_sums
 from trainer.methods import StepHooks
 from trainer.monitor import Monitor, memory_gb
 from trainer.optim import group_lrs
-from trainer.tasks import CausalLM, report_dir
+from trainer.tasks import Report, Task
 
 
 @dataclass
@@ -32,28 +33,16 @@ class Run:
     peak_tflops: Optional[float]
     save: Callable[[int], None]  # checkpoint at a step
     should_stop: Callable[[], bool]
-    # trainer/tasks.py: fetch, loss and metrics of the task (causal LM, sequence / token classification)
-    task: Any = field(default_factory=CausalLM)
+    task: Task  # trainer/tasks.py: loss and metrics of the task (causal LM, sequence / token classification)
     best: Any = None  # trainer/early_stop.py EarlyStopping, or None (the export is the last step)
     save_best: Optional[Callable[[int], None]] = None  # checkpoint the best evaluation so far
     hooks: StepHooks = field(default_factory=StepHooks)  # trainer/methods.py: per-step calls (AdaLoRA)
 
 
-def lm_loss_sum(engine, batch: dict, device: str):
-    """Summed next-token cross-entropy over target tokens (normalised by the caller)."""
-    import torch.nn.functional as F
-
-    out = engine(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-    logits = out.logits[:, :-1].float()
-    labels = batch["labels"][:, 1:].to(device)
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                           ignore_index=D.IGNORE, reduction="sum")
-
-
-def evaluate(run: Run, step: Optional[int] = None) -> dict[str, float]:
+def evaluate(run: Run) -> tuple[dict[str, float], Optional[Report]]:
     """Eval loss (per target token, or per labelled example / token for classification, over the
-    whole eval split) and the task's metrics: perplexity, or accuracy / P / R / F1 (the report and
-    confusion matrix go to RUN_DIR/eval/stepNNNNNNNN/ when ``step`` is given)."""
+    whole eval split) and the task's metrics: perplexity, or accuracy / P / R / F1 with the report
+    to write (classification)."""
     import torch
 
     engine, w, task = run.engine, run.world, run.task
@@ -65,7 +54,7 @@ def evaluate(run: Run, step: Optional[int] = None) -> dict[str, float]:
     outputs: list = []
     with torch.no_grad():
         for idx in batches:
-            batch = task.fetch(run.eval_ds, idx, run.pad_id)
+            batch = D.fetch(run.eval_ds, idx, run.pad_id)
             loss, out = task.eval_step(engine, batch, idx, w.device)
             loss_sum += loss.item()
             tokens += task.n_targets(batch)
@@ -73,9 +62,15 @@ def evaluate(run: Run, step: Optional[int] = None) -> dict[str, float]:
     engine.train()
     loss_sum, tokens = all_reduce_sums([loss_sum, tokens], w.device)
     loss = loss_sum / max(1.0, tokens)
-    metrics, report = task.eval_metrics(loss, outputs)
-    if report is not None and step is not None and w.is_main:
-        report.write(report_dir(Path(run.cfg.run_dir), step), f"{Path(run.cfg.run_dir).name} step {step}")
+    return task.eval_metrics(loss, outputs)
+
+
+def evaluate_and_report(run: Run, step: int) -> dict[str, float]:
+    """evaluate(); rank 0 writes the report (and confusion matrix) to RUN_DIR/eval/stepNNNNNNNN/."""
+    metrics, report = evaluate(run)
+    if report is not None and run.world.is_main:
+        run_dir = Path(run.cfg.run_dir)
+        report.write(RunDir(run_dir).eval_report(step), f"{run_dir.name} step {step}")
     return metrics
 
 
@@ -93,7 +88,7 @@ def train(run: Run, start_step: int) -> str:
         lr = engine.get_lr()[0]
         group_lr = group_lrs(engine.optimizer)  # per parameter group: layer-wise decay, unfreezing
         windows = D.window_indices(n, w.world_size, w.rank, cfg.seed, plan.micro_batch_size, plan.grad_accum, step)
-        batches = [run.task.fetch(run.train_ds, idx, run.pad_id) for idx in windows]
+        batches = [D.fetch(run.train_ds, idx, run.pad_id) for idx in windows]
         # Normalise by the targets (LM: target tokens; classification: labelled examples or tokens)
         # of the whole window on all ranks, so that accumulation N x micro b equals one batch of
         # N*b. DeepSpeed divides by accum and averages over ranks.
@@ -128,7 +123,7 @@ def train(run: Run, start_step: int) -> str:
         metrics.update(group_lr)
         verdict = None
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < run.total_steps and run.eval_ds is not None:
-            metrics.update(evaluate(run, done))
+            metrics.update(evaluate_and_report(run, done))
             if run.best is not None:  # best-checkpoint selection / early stopping
                 verdict = run.best.update(done, metrics)
                 if verdict.improved:

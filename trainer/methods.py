@@ -4,7 +4,7 @@
 
 ``applied`` says what trains (count, fraction, optimizer parameter groups) and carries the
 per-step hooks a method needs (AdaLoRA's rank allocation). peft is imported only for peft
-methods. The combinations that cannot work are refused by launcher/method_config.py before
+methods. The combinations that cannot work are refused by launcher/rules.py before
 launch; what needs the built model (its class, its block list) is checked here.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from launcher.config import ConfigError, RunConfig
-from launcher.method_config import PEFT_METHODS
+from launcher.config import PEFT_METHODS
 
 # Output heads of classification models; "all-linear" must not wrap them (they train in full).
 CLASSIFIER_HEADS = ["classifier", "score"]
@@ -64,10 +64,11 @@ def load_kwargs(cfg: RunConfig, device: str) -> dict[str, Any]:
     """Extra from_pretrained arguments of a method: QLoRA's 4-bit NF4 quantization."""
     if cfg.method.name != "qlora":
         return {}
-    import torch
     from transformers import BitsAndBytesConfig
 
-    compute = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision.dtype]
+    from trainer.model import torch_dtype
+
+    compute = torch_dtype(cfg.precision.dtype)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=compute)
     return {"quantization_config": quant, "device_map": {"": device}}
@@ -100,7 +101,7 @@ def peft_config(cfg: RunConfig, task_type: str, total_steps: int, model_type: st
     if m.name == "adalora":
         a = m.adalora
         tinit, tfinal = int(a.warmup_fraction * total_steps), int(a.final_fraction * total_steps)
-        assert tinit < total_steps - tfinal  # method_config: warmup_fraction + final_fraction < 1
+        assert tinit < total_steps - tfinal  # rules.method_problems: warmup_fraction + final_fraction < 1
         # orth_reg_weight=0: peft adds the orthogonality penalty to outputs.loss, which this trainer
         # does not use (it computes the loss from the logits); see docs/methods.md.
         return peft.AdaLoraConfig(task_type=task_type, init_r=lo.r, target_r=a.target_r, lora_alpha=lo.alpha,

@@ -11,6 +11,13 @@ class ModelError(ValueError):
     pass
 
 
+def torch_dtype(name: str):
+    """precision.dtype -> torch dtype (the one map)."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
 def load_tokenizer(m: ModelConfig):
     from transformers import AutoTokenizer
 
@@ -24,29 +31,27 @@ def load_tokenizer(m: ModelConfig):
     return tok
 
 
-def build_model(m: ModelConfig, ds_config: dict[str, Any], dtype: str, task=None, load_kwargs=None):
+def build_model(m: ModelConfig, ds_config: dict[str, Any], dtype: str, task, load_kwargs=None):
     """Returns (model, hf_ds_config_handle). Under ZeRO-3, from_pretrained loads straight into
     partitions (transformers' HfDeepSpeedConfig must stay alive while the model exists).
     ``task`` (trainer/tasks.py) picks the Auto class and the labels (num_labels, id2label,
-    label2id: saved in the model config); None = causal LM."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    label2id: saved in the model config)."""
+    from transformers import AutoConfig
 
-    auto = task.auto_class() if task is not None else AutoModelForCausalLM
-    labels = task.model_kwargs() if task is not None else {}
+    auto = task.auto_class()
+    labels = task.model_kwargs()
 
     handle = None
     if ds_config["zero_optimization"]["stage"] == 3 and m.name_or_path is not None:
         from transformers.integrations import HfDeepSpeedConfig
 
         handle = HfDeepSpeedConfig(ds_config)
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     if m.name_or_path is not None:
         if not Path(m.name_or_path).is_dir():
             raise ModelError(f"'model.name_or_path' = {m.name_or_path!r} is not a local folder; models load "
                              "offline here, so point it at a save_pretrained folder")
         # load_kwargs: a method's extra arguments (trainer/methods.py; QLoRA's 4-bit quantization)
-        model = auto.from_pretrained(m.name_or_path, dtype=torch_dtype, **labels, **(load_kwargs or {}))
+        model = auto.from_pretrained(m.name_or_path, dtype=torch_dtype(dtype), **labels, **(load_kwargs or {}))
     else:
         cfg = dict(m.config)
         model_type = cfg.pop("model_type", None)

@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from launcher.rundir import RunDir
+
 # Dense bf16 tensor-core peak TFLOP/s per device, by substring of torch.cuda.get_device_name().
 PEAK_TFLOPS = {
     "H200": 989.4, "H100 SXM": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.4,
@@ -53,8 +55,8 @@ class Monitor:
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(run_dir / "tb"))
-            self.metrics = (run_dir / "metrics.jsonl").open("a")
+                self.writer = SummaryWriter(str(RunDir(run_dir).tensorboard))
+            self.metrics = RunDir(run_dir).metrics.open("a")
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -74,7 +76,7 @@ class Monitor:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
@@ -99,7 +101,7 @@ def plot_loss_curve(run_dir: Path) -> Optional[Path]:
     ax.set_title(run_dir.name)
     ax.legend()
     fig.tight_layout()
-    out = run_dir / "loss_curve.png"
+    out = RunDir(run_dir).loss_curve
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out

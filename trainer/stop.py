@@ -10,12 +10,10 @@ from pathlib import Path
 
 from trainer.dist import any_rank
 
-STOP_FILE = "STOP"
-
 
 class Stopper:
-    def __init__(self, run_dir: Path, signals: tuple[str, ...] = ("SIGUSR1", "SIGUSR2")):
-        self.stop_file = run_dir / STOP_FILE
+    def __init__(self, stop_file: Path, signals: tuple[str, ...] = ("SIGUSR1", "SIGUSR2")):
+        self.stop_file = stop_file
         self.received: str | None = None
         for name in signals:
             signal.signal(getattr(signal, name), self._on_signal)

@@ -1,0 +1,72 @@
+"""The run directory's layout, named once: every file and folder a run reads or writes.
+
+    RUN_DIR/config.yaml         the resolved run config (the launcher writes it; the trainer reads it back)
+    RUN_DIR/ds_config.json      the DeepSpeed config (rewritten by the trainer for the world it woke up in)
+    RUN_DIR/finetune.sh         the batch script          RUN_DIR/hostfile   for `launcher run --nnodes N`
+    RUN_DIR/world.json          every rank's view of the world
+    RUN_DIR/metrics.jsonl, tb/  scalars (rank 0)          RUN_DIR/loss_curve.png
+    RUN_DIR/checkpoints/        DeepSpeed checkpoints, `latest`, best/
+    RUN_DIR/eval/stepNNNNNNNN/  classification reports
+    RUN_DIR/export/, adapter/   the exported model / peft adapter
+    RUN_DIR/STOP                checkpoint at the next step and exit    RUN_DIR/DONE   the run finished
+
+The launcher, the trainer and the batch-script renderer all use these names. Pure: no disk access.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+CONFIG = "config.yaml"
+DS_CONFIG = "ds_config.json"
+SCRIPT = "finetune.sh"
+HOSTFILE = "hostfile"
+WORLD = "world.json"
+METRICS = "metrics.jsonl"
+TENSORBOARD = "tb"
+LOSS_CURVE = "loss_curve.png"
+CHECKPOINTS = "checkpoints"
+BEST = "best"
+EVAL = "eval"
+EXPORT = "export"
+ADAPTER = "adapter"
+STOP = "STOP"
+DONE = "DONE"
+SLURM_OUT = "slurm-%j.out"  # Slurm filename patterns (%j = job id)
+SLURM_ERR = "slurm-%j.err"
+# JSON holds no comments: generated JSON files name their writer under this key (DeepSpeed ignores it).
+GENERATED_KEY = "_generated_by"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths inside one run directory."""
+    root: Path
+
+    def __init__(self, root) -> None:
+        object.__setattr__(self, "root", Path(root))
+
+    def __truediv__(self, name: str) -> Path:
+        return self.root / name
+
+    config = property(lambda self: self.root / CONFIG)
+    ds_config = property(lambda self: self.root / DS_CONFIG)
+    script = property(lambda self: self.root / SCRIPT)
+    hostfile = property(lambda self: self.root / HOSTFILE)
+    world = property(lambda self: self.root / WORLD)
+    metrics = property(lambda self: self.root / METRICS)
+    tensorboard = property(lambda self: self.root / TENSORBOARD)
+    loss_curve = property(lambda self: self.root / LOSS_CURVE)
+    checkpoints = property(lambda self: self.root / CHECKPOINTS)
+    best = property(lambda self: self.root / CHECKPOINTS / BEST)
+    export = property(lambda self: self.root / EXPORT)
+    adapter = property(lambda self: self.root / ADAPTER)
+    stop = property(lambda self: self.root / STOP)
+    done = property(lambda self: self.root / DONE)
+
+    def slurm_logs(self, job_id: str) -> tuple[Path, Path]:
+        """The job's stdout and stderr files (the batch script's --output / --error)."""
+        return tuple(self.root / name.replace("%j", job_id) for name in (SLURM_OUT, SLURM_ERR))
+
+    def eval_report(self, step: int) -> Path:
+        return self.root / EVAL / f"step{step:08d}"
