@@ -3,11 +3,14 @@
     torchrun --nproc_per_node 2 tests/dist_worker.py SPEC.json
 
 SPEC: {"scenarios": [{"name": str, "config": {...run config dict...}, "stop_at": int|null,
-       "probe": "module:function"|null}]}
+       "probe": "module:function"|null, "inspect": "module:function"|null}]}
 Each scenario's outcome goes to <run_dir>/worker_result.json (rank 0): the trainer's result,
-or the error text. `stop_at` asks the real Stopper to fire after that optimizer step, which
-exercises the real checkpoint-and-exit path. `probe` names a function(cfg, world) that runs
-after the scenario on every rank (e.g. to evaluate an export) and returns a JSON-able dict.
+or the error text; every scenario of that run dir is also appended to worker_results.jsonl (a
+stopped run and its resume share a run dir). `stop_at` asks the real Stopper to fire after that
+optimizer step, which exercises the real checkpoint-and-exit path. `probe` names a
+function(cfg, world) that runs after the scenario on every rank (e.g. to evaluate an export);
+`inspect` names a function(run) that runs on every rank with the live engine just before the
+training loop starts (trainer/loop.py Run). Both return a JSON-able dict (rank 0's is kept).
 """
 from __future__ import annotations
 
@@ -37,6 +40,23 @@ def _patch_stop(stop_at):
     return original
 
 
+def _patch_train(inspect, out: dict):
+    """Wrap trainer.loop.train (main.run imports it at call time) to inspect the live run first."""
+    import trainer.loop as loop
+
+    original = loop.train
+    if inspect:
+        mod, fn = inspect.split(":")
+        probe = getattr(importlib.import_module(mod), fn)
+
+        def train(run, start_step):
+            out["inspect"] = probe(run)
+            return original(run, start_step)
+
+        loop.train = train
+    return original
+
+
 def main() -> int:
     spec = json.loads(Path(sys.argv[1]).read_text())
     world = init_distributed()
@@ -44,9 +64,11 @@ def main() -> int:
     for sc in spec["scenarios"]:
         out: dict
         original = _patch_stop(sc.get("stop_at"))
+        inspected: dict = {}
+        original_train = _patch_train(sc.get("inspect"), inspected)
         try:
             cfg = validate(sc["config"], source=sc["name"])
-            out = {"result": run(cfg, world)}
+            out = {"result": run(cfg, world), **inspected}
             if sc.get("probe"):
                 mod, fn = sc["probe"].split(":")
                 out["probe"] = getattr(importlib.import_module(mod), fn)(cfg, world)
@@ -55,10 +77,15 @@ def main() -> int:
             out = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
         finally:
             stop_mod.Stopper.requested = original
+            import trainer.loop
+
+            trainer.loop.train = original_train
         if world.is_main:
             run_dir = Path(sc["config"]["run_dir"])
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "worker_result.json").write_text(json.dumps(out, indent=1, default=str))
+            with (run_dir / "worker_results.jsonl").open("a") as f:
+                f.write(json.dumps({"name": sc["name"], **out}, default=str) + "\n")
         import torch.distributed as dist
 
         dist.barrier()

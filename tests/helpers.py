@@ -105,9 +105,32 @@ def error_of(run_dir: Path) -> Optional[str]:
     return json.loads((Path(run_dir) / "worker_result.json").read_text()).get("error")
 
 
-def losses(run_dir: Path) -> list[tuple[int, float]]:
+def results(run_dir: Path) -> list[dict]:
+    """Every scenario run in ``run_dir``, in order (a stopped run, then its resume)."""
+    lines = (Path(run_dir) / "worker_results.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def curve(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of one logged scalar from metrics.jsonl."""
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+    return [(r["step"], r[tag]) for r in rows if r.get(tag) is not None]
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    return curve(run_dir, "train/loss")
+
+
+def assert_stopped_then_resumed(run_dir: Path, output: str, step: int) -> None:
+    """The first run in ``run_dir`` really stopped (status preempted) after ``step``, and the next
+    one printed that it resumed from that step's checkpoint (a broken stop would finish the first
+    run and make the "resume" an already-done no-op)."""
+    runs = results(run_dir)
+    assert len(runs) >= 2, runs
+    first, second = runs[0].get("result", runs[0]), runs[1].get("result", runs[1])
+    assert first["status"] == "preempted", first
+    assert second["status"] == "done", second
+    assert f"resumed from {Path(run_dir) / 'checkpoints' / f'step{step:08d}'} at step {step}" in output
 
 
 def assert_curves_close(a: list, b: list, rel: float = 1e-4) -> None:

@@ -33,3 +33,39 @@ def export_eval_loss(cfg, world) -> dict:
     n_empty = sum(1 for p in model.parameters() if p.numel() == 0)
     return {"eval_loss": loss_sum / tokens, "empty_tensors": n_empty,
             "n_params": sum(p.numel() for p in model.parameters())}
+
+
+def zero3_partitions(run) -> dict:
+    """With the live engine, before the first step: how each rank really holds the parameters
+    (ZeRO-3: p.numel() == 0 with the full size in p.ds_numel and the rank's share in p.ds_tensor)."""
+    import torch.distributed as dist
+
+    params = list(run.engine.module.parameters())
+    mine = {"params": len(params), "visible_numel": sum(p.numel() for p in params),
+            "empty": sum(1 for p in params if p.numel() == 0),
+            "ds_numel": sum(getattr(p, "ds_numel", 0) for p in params),
+            "local_numel": sum(p.ds_tensor.numel() for p in params if hasattr(p, "ds_tensor"))}
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return {"ranks": every}
+
+
+def param_dtypes(run) -> dict:
+    """The dtypes the engine really trains in (bf16 runs: bfloat16 module weights)."""
+    return {"dtypes": sorted({str(p.dtype) for p in run.engine.module.parameters()})}
+
+
+def count_layer_calls(run) -> dict:
+    """Counts forward calls of the first decoder layer's attention from here on (filled in while
+    training; the dict is serialised after the run). Gradient checkpointing runs each layer twice
+    per micro-batch: once in the forward pass and once more, recomputing, in the backward pass.
+    (The hook sits inside the layer: transformers' checkpointed layer recomputes its inner forward,
+    so a hook on the layer itself fires only once.)"""
+    layer = run.engine.module.model.layers[0].self_attn
+    calls = {"layer0_calls": 0}
+
+    def hook(module, args, kwargs, output):
+        calls["layer0_calls"] += 1
+
+    layer.register_forward_hook(hook, with_kwargs=True)
+    return calls

@@ -16,23 +16,23 @@ def _eval_split(cfg, tok):
 
 
 def _eval(model, split, pad_id):
-    """(summed next-token CE / target tokens, logits of the first batch) -- as the trainer computes it."""
+    """(summed next-token CE / target tokens, the logits of every batch) -- as the trainer computes it."""
     import torch
 
     from trainer import data as D
 
     loss_sum = tokens = 0.0
-    first = None
+    every = []
     with torch.no_grad():
         for i in range(0, len(split), 8):
             batch = D.fetch(split, list(range(i, min(i + 8, len(split)))), pad_id)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-            first = logits if first is None else first
+            every.append(logits)
             loss_sum += torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.size(-1)).float(), batch["labels"][:, 1:].reshape(-1),
                 ignore_index=D.IGNORE, reduction="sum").item()
             tokens += D.target_tokens(batch)
-    return loss_sum / tokens, first
+    return loss_sum / tokens, every
 
 
 def adapter_reload(cfg, world) -> dict:
@@ -65,7 +65,8 @@ def adapter_reload(cfg, world) -> dict:
     if (run_dir / "export").exists():
         merged = AutoModelForCausalLM.from_pretrained(str(run_dir / "export")).eval()
         m_loss, m_logits = _eval(merged, split, tok.pad_token_id)
-        out.update(merged_eval_loss=m_loss, merged_max_logit_diff=float((m_logits - logits).abs().max()),
+        diff = max(float((m - a).abs().max()) for m, a in zip(m_logits, logits))  # over the whole eval split
+        out.update(merged_eval_loss=m_loss, merged_max_logit_diff=diff, merged_batches=len(m_logits),
                    merged_is_plain=not any("lora" in n for n, _ in merged.named_parameters()))
     return out
 

@@ -48,10 +48,11 @@ def runs(tmp_path_factory):
     (tmp / "malformed.jsonl").write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c" "response": "d"}\n')
     train_for = {"text": files["text"], "chat": files["chat"], "csv_packed": tmp / "pr.csv"}
     sc = []
+    inspect = {"grad_ckpt_z3": "probes:count_layer_calls", "bf16_z2": "probes:param_dtypes"}
     for name, sections in GOOD.items():
         cfg = tiny_config(tmp / name, train_for.get(name, files["jsonl"]), **sections)
         cfg["train"]["max_steps"] = 4
-        sc.append({"name": name, "config": cfg})
+        sc.append({"name": name, "config": cfg, "inspect": inspect.get(name)})
     bad_train = {"missing_column": files["missing"], "empty_file": tmp / "empty.jsonl",
                  "malformed_json": tmp / "malformed.jsonl"}
     for name in BAD:
@@ -85,6 +86,13 @@ def test_eval_fraction_and_bf16_report_eval_and_dtype(runs):
     tmp, _ = runs
     assert "eval/loss" in result(tmp / "eval_fraction")["result"]
     assert json.loads((tmp / "bf16_z2" / "ds_config.json").read_text())["bf16"]["enabled"] is True
+    assert result(tmp / "bf16_z2")["inspect"]["dtypes"] == ["torch.bfloat16"]  # the weights the engine trains
+
+
+def test_gradient_checkpointing_really_recomputes(runs):
+    tmp, _ = runs
+    # 4 steps x 1 micro-batch: each layer runs once forward and once more when backward recomputes it
+    assert result(tmp / "grad_ckpt_z3")["inspect"]["layer0_calls"] == 2 * 4
 
 
 EXPECTED = {
@@ -104,5 +112,5 @@ def test_bad_input_is_a_clear_error_and_loses_nothing(runs, name):
     for text in EXPECTED[name]:
         assert text in err, err
     after = snapshot(tmp / name)
-    after.pop("worker_result.json")
+    after.pop("worker_result.json"), after.pop("worker_results.jsonl")  # written by the test worker
     assert after == before[name]

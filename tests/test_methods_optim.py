@@ -1,8 +1,9 @@
 """Optimizers on real DeepSpeed ranks (2 CPU ranks), one shared torchrun launch.
 
-bitsandbytes AdamW8bit under ZeRO 0, 1, 2, 3: trains, keeps uint8 moments, resumes bit-identically
-after a stop at step 5, and tracks 32-bit AdamW's loss curve within 1 % per step (stated tolerance:
-the 8-bit moments are block-quantized, so the curves drift apart slowly; measured here: 0.03 %).
+bitsandbytes AdamW8bit under ZeRO 0, 1, 2, 3: trains, keeps uint8 moments on every stage, resumes
+bit-identically after a stop at step 5, and tracks 32-bit AdamW's loss curve within 0.1 % per step
+but not exactly (the 8-bit moments are block-quantized, so the curves drift apart slowly: measured
+here 0.03 % at most; a silent 32-bit fallback would give a drift of 0).
 Adam8bit, PagedAdamW8bit (non-paged fallback on a CPU) and Lion8bit train; AdamW8bit with optimizer
 offload trains once opted in; DeepSpeed's CPU Adam (deepspeed_adamw under offload) matches torch AdamW.
 """
@@ -17,7 +18,8 @@ from methods_base import Z3, make_base
 
 STAGES = {"z0": {"stage": 0}, "z1": {"stage": 1}, "z2": {"stage": 2}, "z3": Z3}
 STEPS, STOP, LR = 10, 5, 1e-2
-TRACK_REL = 1e-2
+TRACK_REL = 1e-3  # measured drift: up to 3e-4
+MIN_DRIFT = 1e-6  # a 32-bit run gives the reference curve to ~1e-7
 
 
 @pytest.fixture(scope="module")
@@ -36,15 +38,20 @@ def runs(tmp_path_factory):
         sc += [conf(f"8bit-{s}", "adamw8bit", z),
                conf(f"cut-{s}", "adamw8bit", z, stop=STOP),  # checkpoints at step 5 and exits ...
                conf(f"cut-{s}#resume", "adamw8bit", z)]      # ... a new run() in the same dir resumes
-    sc += [conf("adam8bit", "adam8bit", STAGES["z2"]), conf("paged", "paged_adamw8bit", STAGES["z2"]),
+    sc += [conf("adamw-again", "adamw", STAGES["z2"]),  # what "no drift" looks like
+           conf("adam8bit", "adam8bit", STAGES["z2"]), conf("paged", "paged_adamw8bit", STAGES["z2"]),
            conf("lion8bit", "lion8bit", STAGES["z2"], lr=2e-3),
            conf("8bit-offload", "adamw8bit", {**Z3, "offload_optimizer": True}, allow_bnb_offload=True),
            conf("ds-cpuadam", "deepspeed_adamw", {"stage": 2, "offload_optimizer": True})]
     for s in sc:
-        if s["name"] in ("8bit-z0", "8bit-z2", "8bit-z3"):
+        if s["name"] in ("8bit-z0", "8bit-z1", "8bit-z2", "8bit-z3"):
             s["probe"] = "probes_methods:optimizer_state"
     launch(sc, tmp)
     return tmp
+
+
+def drift(a, b) -> float:
+    return max(abs(x - y) / max(abs(x), abs(y)) for (_, x), (_, y) in zip(a, b))
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
@@ -52,6 +59,8 @@ def test_8bit_adamw_tracks_32bit_adamw(runs, stage):
     ref, eight = losses(runs / "adamw"), losses(runs / f"8bit-{stage}")
     assert len(eight) == STEPS and eight[-1][1] < eight[0][1] - 0.5
     assert_curves_close(eight, ref, rel=TRACK_REL)
+    assert drift(eight, ref) > MIN_DRIFT, "identical to 32-bit AdamW: the 8-bit optimizer did not run"
+    assert drift(losses(runs / "adamw-again"), ref) < MIN_DRIFT  # the same 32-bit run repeats exactly
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
@@ -62,7 +71,7 @@ def test_8bit_adamw_resumes_bit_identically(runs, stage):
     assert json.loads((runs / f"cut-{stage}" / "DONE").read_text())["status"] == "done"
 
 
-@pytest.mark.parametrize("stage", ["z0", "z2", "z3"])
+@pytest.mark.parametrize("stage", list(STAGES))
 def test_8bit_state_is_really_8bit(runs, stage):
     state = result(runs / f"8bit-{stage}")["probe"]["state"]
     n_params = 2 * 512 * 64 + 2 * (4 * 64 * 64 + 3 * 64 * 128 + 2 * 64) + 64

@@ -88,8 +88,9 @@ def test_zero3_adapter_is_complete_reloads_and_reproduces_the_eval_loss(runs):
 @pytest.mark.parametrize("name", ["lora-z3", "dora", "ia3", "adalora-z3", "save-head"])
 def test_merged_export_equals_the_adapter_model(runs, name):
     _, p = probe(runs, name)
-    assert p["merged_is_plain"]
-    assert p["merged_max_logit_diff"] < 1e-4
+    assert p["merged_is_plain"] and p["merged_batches"] == 5  # every batch of the eval split compared
+    # measured: 3e-7 (LoRA, DoRA, IA3), 5e-7 (AdaLoRA), 2.9e-6 (LoRA + a trained lm_head saved in full)
+    assert p["merged_max_logit_diff"] < 1e-5
     assert p["merged_eval_loss"] == pytest.approx(p["eval_loss"], rel=1e-5)
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, assert_curves_close, error_of, launch, losses, result, tiny_config, write_jsonl
+from helpers import (ROOT, assert_curves_close, assert_stopped_then_resumed, error_of, launch, losses, result, tiny_config,
+                     write_jsonl)
 
 EXAMPLES = ROOT / "examples" / "data"
 TINY_BERT = {"model_type": "bert", "vocab_size": 30522, "hidden_size": 32, "intermediate_size": 64,
@@ -245,7 +246,8 @@ def test_causal_lm_best_checkpoint_is_reloaded(runs):
 
 
 def test_early_stopping_state_survives_preemption(runs):
-    tmp, _ = runs
+    tmp, proc = runs
+    assert_stopped_then_resumed(tmp / "early-cut", proc.stdout, 3)
     full, cut = result(tmp / "early")["result"], result(tmp / "early-cut")["result"]
     assert (cut["last_step"], cut["best_step"]) == (full["last_step"], full["best_step"])
     assert cut["best_value"] == pytest.approx(full["best_value"], rel=1e-6)

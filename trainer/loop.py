@@ -13,7 +13,7 @@ from trainer import data as D
 from trainer.dist import World, all_reduce_sum, all_reduce_sums
 from trainer.methods import StepHooks
 from trainer.monitor import Monitor, memory_gb
-from trainer.optim import group_lrs
+from trainer.optim import GradNorm, group_lrs
 from trainer.tasks import Report, Task
 
 
@@ -83,6 +83,7 @@ def train(run: Run, start_step: int) -> str:
     bar = tqdm(total=run.total_steps, initial=start_step, desc="train", dynamic_ncols=True,
                disable=not (w.is_main and cfg.logging.progress_bar))
     engine.train()
+    norm = GradNorm(engine)
     for step in range(start_step, run.total_steps):
         t0 = time.perf_counter()
         lr = engine.get_lr()[0]
@@ -99,8 +100,9 @@ def train(run: Run, start_step: int) -> str:
         for batch in batches:
             loss = run.task.loss_sum(engine, batch, w.device)
             engine.backward(loss * scale)
-            if batch is batches[-1]:
-                run.hooks.before_step(step)  # the step's gradients are complete (AdaLoRA reads them)
+            if batch is batches[-1]:  # the step's gradients are complete
+                run.hooks.before_step(step)  # (AdaLoRA reads them)
+                norm.before_step()
             engine.step()
             loss_sum += loss.item()
         run.hooks.after_step(step)
@@ -108,7 +110,7 @@ def train(run: Run, start_step: int) -> str:
         dt = time.perf_counter() - t0
         done = step + 1
 
-        grad_norm = engine.get_global_grad_norm()
+        grad_norm = norm.after_step()
         seq_len = max(b["input_ids"].shape[1] for b in batches)
         tokens_all = plan.global_batch_size * seq_len  # computed tokens, padding included
         metrics = {"train/loss": loss, "train/lr": lr,

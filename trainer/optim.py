@@ -84,3 +84,26 @@ def build_scheduler(optimizer, t: TrainConfig, total_steps: int, unfreeze_every_
 def group_lrs(optimizer) -> dict[str, float]:
     """train/lr/<group name> for every parameter group (the LR the coming step uses)."""
     return {f"train/lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(optimizer.param_groups)}
+
+
+class GradNorm:
+    """The global gradient norm before clipping, for the log (a 0-d tensor or a float; None when
+    unknown). DeepSpeed reports it (engine.get_global_grad_norm) on every path but its plain fp32
+    ZeRO-0 one, which clips with the norm and drops it; there it is computed here from the
+    all-reduced gradients just before the optimizer step (the engine all-reduces them in the last
+    backward of the window)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.own = engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled())
+        self.value = None
+
+    def before_step(self) -> None:
+        if self.own:
+            import torch
+
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            self.value = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+
+    def after_step(self):
+        return self.value if self.own else self.engine.get_global_grad_norm()
