@@ -127,6 +127,7 @@ class ModelShape:
     head_dim: int
     tied: bool  # input embedding and output head share one matrix
     hidden_dropout: float  # BERT: dropout after the embeddings, attention output and MLP output
+    positions: int = 0  # BERT: rows of the learned position embedding
 
     @property
     def q_dim(self) -> int:
@@ -154,7 +155,8 @@ def model_shape(c: dict[str, Any]) -> Optional[ModelShape]:
             layers=int(c["num_hidden_layers"]), heads=heads, kv_heads=int(c.get("num_key_value_heads") or heads),
             head_dim=int(c.get("head_dim") or h // heads),
             tied=bool(c.get("tie_word_embeddings", family == "bert")),
-            hidden_dropout=float(c.get("hidden_dropout_prob", 0.1) if family == "bert" else 0.0))
+            hidden_dropout=float(c.get("hidden_dropout_prob", 0.1) if family == "bert" else 0.0),
+            positions=int(c.get("max_position_embeddings", 512)) if family == "bert" else 0)
     except (KeyError, TypeError, ValueError, ZeroDivisionError):
         return None
     return shape
@@ -162,8 +164,9 @@ def model_shape(c: dict[str, Any]) -> Optional[ModelShape]:
 
 def largest_layer(s: ModelShape) -> int:
     """Elements of the largest module's own parameters (what ZeRO-3 gathers at once; DeepSpeed's
-    ``model_to_params`` counts the same): the embedding / output head, or one MLP matrix."""
-    return max(s.vocab * s.hidden, s.hidden * s.intermediate, s.hidden * s.q_dim)
+    ``model_to_params`` counts the same): the embedding / output head, one MLP matrix, or BERT's
+    position embedding."""
+    return max(s.vocab * s.hidden, s.hidden * s.intermediate, s.hidden * s.q_dim, s.positions * s.hidden)
 
 
 def persistent_params(s: ModelShape, threshold: int) -> int:
@@ -191,8 +194,9 @@ def layer_activation_bytes(s: ModelShape, micro: int, seq: int, act_bytes: int, 
     Llama: 2 RMSNorms x (4 + 2a) t h  (fp32 copy of the input, normalised input, output)
          + a t (2q + 2kv)             (q and k after rotary, v, attention output = o_proj input)
          + 4 a t i                    (gate, SiLU(gate), up, their product = down_proj input)
-         + 4 micro heads seq          (fp32 log-sum-exp) + 8 t (two fp32 rsqrt) + 2 a seq head_dim (cos, sin)
-    BERT:  7 a t h                    (layer input, q, k, v, attention output, LayerNorm input, its output)
+         + 4 micro heads seq          (fp32 log-sum-exp) + 8 t (two fp32 rsqrt)
+    BERT:  8 a t h                    (layer input, q, k, v, attention output, both LayerNorms' inputs,
+                                       the first one's output)
          + 2 a t i                    (GELU input and output) + 2 m t h (dropout masks, m = 1 byte on CUDA)
          + 4 micro heads seq + 4 a t  (LayerNorm mean / rstd)
     Padded batches (a padding mask; data.packing=false) add the mask as an additive bias, a micro
@@ -204,10 +208,9 @@ def layer_activation_bytes(s: ModelShape, micro: int, seq: int, act_bytes: int, 
     bias = a * micro * seq * seq if padded else 0
     lse = 4 * micro * s.heads * seq
     if s.family == "llama":
-        return (2 * (4 + 2 * a) * t * h + a * t * (2 * s.q_dim + 2 * kv) + 4 * a * t * i + lse + 8 * t
-                + 2 * a * seq * s.head_dim + bias)
+        return 2 * (4 + 2 * a) * t * h + a * t * (2 * s.q_dim + 2 * kv) + 4 * a * t * i + lse + 8 * t + bias
     masks = 2 * mask_bytes * t * h if s.hidden_dropout > 0 else 0
-    return 7 * a * t * h + 2 * a * t * i + masks + lse + 4 * a * t + bias
+    return 8 * a * t * h + 2 * a * t * i + masks + lse + 4 * a * t + bias
 
 
 def activation_bytes(s: ModelShape, micro: int, seq: int, act_bytes: int, padded: bool, checkpointing: bool,
@@ -215,18 +218,32 @@ def activation_bytes(s: ModelShape, micro: int, seq: int, act_bytes: int, padded
     """Saved activations of the whole model at the top of backward.
 
     Without checkpointing: layers x :func:`layer_activation_bytes` + the embedding (8 t for the
-    int64 ids; BERT: + its LayerNorm input and dropout mask) + the final norm (Llama: (4 + 2a) t h).
-    With (non-reentrant) gradient checkpointing every layer keeps only its input, a t h, and one
-    layer is recomputed at a time in backward: layers x a t h + one layer.
+    int64 ids) + Llama's final norm ((4 + 2a) t h + 4 t) and the rotary cos / sin every layer
+    shares (2 a seq head_dim); BERT's embedding LayerNorm (a t h + 2 a t) and dropout mask, its
+    token-type and position ids (8 seq + 8 max_position_embeddings), and the head's input, the
+    last layer's output (a t h).
+    With (non-reentrant) gradient checkpointing every layer keeps only its input: layers x a t h
+    (the layer recomputed in backward is :func:`layer_backward_bytes`).
     """
     t, a, h = micro * seq, act_bytes, s.hidden
-    layer = layer_activation_bytes(s, micro, seq, a, padded, mask_bytes)
     if s.family == "llama":
-        outside = 8 * t + (4 + 2 * a) * t * h + 4 * t
+        outside = 8 * t + (4 + 2 * a) * t * h + 4 * t + (0 if checkpointing else 2 * a * seq * s.head_dim)
     else:
-        outside = 3 * 8 * t + a * t * h + 4 * a * t + (mask_bytes * t * h if s.hidden_dropout > 0 else 0)
-    stack = s.layers * a * t * h + layer if checkpointing else s.layers * layer
-    return stack + outside
+        outside = (8 * t + 8 * seq + 8 * s.positions + 2 * a * t * h + 2 * a * t
+                   + (mask_bytes * t * h if s.hidden_dropout > 0 else 0))
+    per_layer = a * t * h if checkpointing else layer_activation_bytes(s, micro, seq, a, padded, mask_bytes)
+    return s.layers * per_layer + outside
+
+
+def layer_backward_bytes(s: ModelShape, micro: int, seq: int, act_bytes: int, padded: bool, checkpointing: bool,
+                         mask_bytes: int = 1) -> int:
+    """Working memory inside one layer's backward, on top of the saved activations: the gradients of
+    the MLP's inputs (2 a t i) and of one weight (a h i); with checkpointing also the layer's
+    recomputed activations. It comes after the loss's backward has freed the logits, so a rank's
+    peak holds the larger of the two."""
+    t, a = micro * seq, act_bytes
+    work = 2 * a * t * s.intermediate + a * s.hidden * s.intermediate
+    return work + (layer_activation_bytes(s, micro, seq, a, padded, mask_bytes) if checkpointing else 0)
 
 
 # Bytes per logit alive at the top of backward for the plain loss: the saved fp32 log-softmax (4),

@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 from launcher.config import ConfigError, RunConfig, to_dict
 from launcher.memory import (GIB, MemoryEstimate, ModelShape, activation_bytes, estimate, human, largest_layer,
-                             logits_bytes, lora_params, model_shape, persistent_params)
+                             layer_backward_bytes, logits_bytes, lora_params, model_shape, persistent_params)
 
 # Not counted by torch.cuda.max_memory_allocated, but taken from the GPU: the CUDA context (about
 # 0.3-0.6 GiB on Ampere/Hopper with CUDA 12's lazy module loading), NCCL's communicator buffers and
@@ -253,17 +253,19 @@ def plan_memory(cfg: RunConfig, model: ModelInfo, hw: Hardware) -> MemoryPlan:
     tokens = micro * seq
     padded = not (cfg.data.packing and cfg.task.type == "causal_lm")
     if shape is not None:
-        acts = activation_bytes(shape, micro, seq, p, padded, cfg.model.gradient_checkpointing)
-        ckpt = "gradient checkpointing: layer inputs + one recomputed layer" if cfg.model.gradient_checkpointing \
-            else "every layer's saved tensors"
+        ckpt = cfg.model.gradient_checkpointing
+        acts = activation_bytes(shape, micro, seq, p, padded, ckpt)
         gpu.append(Part("activations", acts, 0.0, f"{shape.family}-style, micro {micro} x seq {seq}, "
-                        f"{'padded' if padded else 'packed'}, {ckpt}"))
+                        f"{'padded' if padded else 'packed'}: "
+                        + ("every layer's input (checkpointing)" if ckpt else "every layer's saved tensors")))
+        logits, how = 0, f"{cfg.task.type} head: negligible"
         if cfg.task.type == "causal_lm":
-            head_trains = trainable == psi
-            logits, how = logits_bytes(shape, tokens, t.loss_chunk_tokens, cfg.model.liger, p, head_trains)
-            gpu.append(Part("logits and loss", logits, 0.0, how))
-        else:
-            gpu.append(Part("logits and loss", 0.0, 0.0, f"{cfg.task.type} head: negligible"))
+            logits, how = logits_bytes(shape, tokens, t.loss_chunk_tokens, cfg.model.liger, p, trainable == psi)
+        gpu.append(Part("logits and loss", logits, 0.0, how))
+        inside = layer_backward_bytes(shape, micro, seq, p, padded, ckpt)
+        gpu.append(Part("layer backward", max(0, inside - logits), 0.0,
+                        f"{human(inside)} ({'the recomputed layer + ' if ckpt else ''}gradients of the MLP inputs and "
+                        f"one weight), after the logits ({human(logits)}) are freed: the excess counts"))
         if cfg.method.name != "full":
             notes.append(f"activations are modeled for full fine-tuning; {cfg.method.name} keeps about the same")
     else:
