@@ -83,6 +83,7 @@ class Part:
     first: float  # bytes in the first phase (GPU: forward/backward; CPU: model load)
     second: float  # bytes in the second phase (GPU: optimizer step; CPU: training)
     how: str  # the formula with its numbers
+    allocated: bool = True  # False: not in torch.cuda.max_memory_allocated (fragmentation, the CUDA context)
 
 
 @dataclass(frozen=True)
@@ -143,9 +144,7 @@ class MemoryPlan:
     @property
     def allocated_peak(self) -> float:
         """What torch.cuda.max_memory_allocated should show: the peak without slack and context."""
-        skip = ("allocator", "CUDA context")
-        return max(sum(p.first for p in self.gpu if not p.name.startswith(skip)),
-                   sum(p.second for p in self.gpu if not p.name.startswith(skip)))
+        return max(sum(p.first for p in self.gpu if p.allocated), sum(p.second for p in self.gpu if p.allocated))
 
     @property
     def cpu_peak(self) -> float:
@@ -275,9 +274,9 @@ def plan_memory(cfg: RunConfig, model: ModelInfo, hw: Hardware) -> MemoryPlan:
                      "a floor")
     alloc = (sum(x.first for x in gpu), sum(x.second for x in gpu))
     gpu.append(Part("allocator fragmentation", ALLOCATOR_SLACK * alloc[0], ALLOCATOR_SLACK * alloc[1],
-                    f"{ALLOCATOR_SLACK:.0%} of the allocated peak (assumed)"))
+                    f"{ALLOCATOR_SLACK:.0%} of the allocated peak (assumed)", allocated=False))
     gpu.append(Part("CUDA context", CUDA_CONTEXT_BYTES, CUDA_CONTEXT_BYTES,
-                    "context + NCCL + kernels, outside the allocator (assumed)"))
+                    "context + NCCL + kernels, outside the allocator (assumed)", allocated=False))
     return MemoryPlan(Layout.of(cfg), gpu, _cpu_parts(cfg, est, hw.gpus_per_node, zds), hw, notes)
 
 
