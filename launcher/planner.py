@@ -242,11 +242,12 @@ def plan_memory(cfg: RunConfig, model: ModelInfo, hw: Hardware) -> MemoryPlan:
     ]
     temp = 4 * trainable / n_opt if t.optimizer == "adamw" and not z.offload_optimizer else 0.0
     gpu.append(Part("optimizer temporaries", 0.0, temp,
-                    "torch AdamW (foreach): one fp32 sqrt(v) per partition" if temp else "none for this optimizer"))
+                    "torch AdamW (foreach): one fp32 sqrt(v) per partition" if temp else
+                    "the step runs on the CPU" if z.offload_optimizer else f"none for {t.optimizer}"))
 
     if stage == 3:
         gpu.append(_zero3_gathered(zds, psi, p, shape, notes))
-    gpu.append(_buckets(zds, stage, world, trainable, p, z.offload_optimizer))
+    gpu.append(_buckets(zds, stage, world, trainable, p))
 
     seq, micro = cfg.data.max_length, t.micro_batch_size
     tokens = micro * seq
@@ -299,7 +300,7 @@ def _zero3_gathered(zds: dict, psi: int, p: int, shape: Optional[ModelShape], no
                 f"{prefetch:,}) + persistent {persist:,} + the largest layer's gradient {big:,})")
 
 
-def _buckets(zds: dict, stage: int, world: int, trainable: int, p: int, offload: bool) -> Part:
+def _buckets(zds: dict, stage: int, world: int, trainable: int, p: int) -> Part:
     """Gradient reduction buffers. ZeRO-1/2 with contiguous gradients allocate reduce_bucket_size
     elements (twice with overlap_comm) at the first backward and free them at the step; ZeRO-3 keeps
     one bucket for good; stage 0 flattens the gradients into one all-reduce buffer (<= 5e8 elements)."""
