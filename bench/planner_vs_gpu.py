@@ -1,12 +1,13 @@
 """Benchmark (not a test): the memory planner's predicted peak vs what the trainer really allocates.
 
     python bench/planner_vs_gpu.py [--out DIR] [--steps 3] [--only NAME ...]   # one GPU, ~5 minutes
-    python bench/planner_vs_gpu.py --smoke [--out DIR]                          # CPU, tiny shapes, ~1 minute
+    python bench/planner_vs_gpu.py --smoke [--out DIR]                          # CPU, tiny shapes, minutes
+    python bench/planner_vs_gpu.py --predict-only                               # the predicted column only
 
-Each layout builds a random-init model from a config dict and trains --steps real optimizer steps
-through trainer.main.run (one rank; checkpoint writes are skipped: they do not change the peak and a
-1B checkpoint is 15 GB), on packed rows of full length. Then it compares launcher.planner's parts
-with the measurement:
+Each layout, in a process of its own, builds a random-init model from a config dict and trains
+--steps real optimizer steps through trainer.main.run (one rank; checkpoint writes are skipped: they
+do not change the peak and a 1B checkpoint is 15 GB), on packed rows of full length. Then it
+compares launcher.planner's parts with the measurement:
 
     GPU:   predicted allocated peak  vs  torch.cuda.max_memory_allocated (the trainer's train/cuda_max_allocated_gb)
            predicted reserved peak   vs  torch.cuda.max_memory_reserved (allocated + the allocator's slack)
@@ -23,7 +24,6 @@ implements train.loss_chunk_tokens. Prints a markdown table and writes DIR/plann
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import random
 import shutil
@@ -128,6 +128,43 @@ def measure(cfg, world, smoke: bool) -> dict:
             "steps_done": len(rows)}
 
 
+def one_layout(args, lay: dict, out: Path) -> dict:
+    """Measure one layout in this process (a fresh one per layout: nothing left over from another)."""
+    import torch
+
+    from launcher.memory import GIB
+    from launcher.planner import ALLOCATOR_SLACK
+    from launcher.rules import validate
+    from trainer import checkpoint
+    from trainer.dist import init_distributed
+
+    checkpoint.save = lambda *a, **k: None  # a checkpoint write does not change the peak; a 1B one is 15 GB
+    world = init_distributed(-1)
+    run_dir = out / slug(lay["name"])
+    shutil.rmtree(run_dir, ignore_errors=True)  # a finished run dir would not train again
+    cfg = validate(run_config(lay, run_dir, out / "train.jsonl", args.steps), source=lay["name"])
+    plan = predict(cfg, 1e6 if args.smoke else torch.cuda.get_device_properties(0).total_memory / GIB)
+    predicted = plan.allocated_peak
+    if args.smoke:  # on a CPU the offloaded states live in the same memory as everything else
+        predicted += sum(p.second for p in plan.cpu if p.name.startswith("offloaded"))
+    t0 = time.perf_counter()
+    got = measure(cfg, world, args.smoke)
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+    return {"name": lay["name"], "wall_s": round(time.perf_counter() - t0, 1), "status": got["result"]["status"],
+            "steps_done": got.get("steps_done", args.steps),
+            "predicted_allocated": predicted, "measured_allocated": got["allocated"],
+            "predicted_reserved": predicted * (1 + ALLOCATOR_SLACK), "measured_reserved": got["reserved"],
+            "predicted_device": plan.gpu_peak, "measured_context": got["context"],
+            "trainer_allocated": got.get("trainer_allocated"),
+            "parts": {p.name: [p.first, p.second] for p in plan.gpu}}
+
+
+def slug(name: str) -> str:
+    return name.replace(" ", "_").replace("(", "").replace(")", "")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None, help="folder for run dirs and planner_vs_gpu.json (default: a temp dir)")
@@ -135,8 +172,10 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: the script runs end to end")
     ap.add_argument("--only", nargs="*", default=None, help="layout names to run (default: all)")
     ap.add_argument("--predict-only", action="store_true", help="print the predicted column only (no device needed)")
+    ap.add_argument("--layout", default=None, help=argparse.SUPPRESS)  # internal: measure this one layout here
     args = ap.parse_args()
 
+    import subprocess
     import tempfile
 
     import torch
@@ -144,8 +183,6 @@ def main() -> int:
     from launcher.memory import GIB
     from launcher.planner import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES
     from launcher.rules import validate
-    from trainer import checkpoint
-    from trainer.dist import init_distributed
 
     if args.predict_only:
         for lay in layouts(args.smoke, chunked_loss=False):
@@ -160,38 +197,28 @@ def main() -> int:
         return 2
     out = Path(args.out or tempfile.mkdtemp(prefix="planner_vs_gpu-"))
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint.save = lambda *a, **k: None  # a checkpoint write does not change the peak; a 1B one is 15 GB
-    world = init_distributed(-1)
     chunked = "loss_chunk_tokens" in "".join(p.read_text() for p in (ROOT / "trainer").glob("*.py"))
-    train = write_rows(out / "train.jsonl", 12 if args.smoke else 64)
-    gpu_gib = torch.cuda.get_device_properties(0).total_memory / GIB if not args.smoke else 1e6
+    todo = [lay for lay in layouts(args.smoke, chunked) if not args.only or lay["name"] in args.only]
+    if args.layout is not None:
+        (lay,) = [x for x in todo if x["name"] == args.layout]
+        row = one_layout(args, lay, out)
+        (out / f"{slug(lay['name'])}.json").write_text(json.dumps(row, indent=1) + "\n")
+        return 0
+    write_rows(out / "train.jsonl", 12 if args.smoke else 64)
     rows = []
-    for lay in layouts(args.smoke, chunked):
-        if args.only and lay["name"] not in args.only:
-            continue
-        run_dir = out / lay["name"].replace(" ", "_").replace("(", "").replace(")", "")
-        shutil.rmtree(run_dir, ignore_errors=True)  # a finished run dir would not train again
-        cfg = validate(run_config(lay, run_dir, train, args.steps), source=lay["name"])
-        plan = predict(cfg, gpu_gib)
-        predicted = plan.allocated_peak
-        if args.smoke:  # on a CPU the offloaded states live in the same memory as everything else
-            predicted += sum(p.second for p in plan.cpu if p.name.startswith("offloaded"))
-        t0 = time.perf_counter()
-        got = measure(cfg, world, args.smoke)
-        row = {"name": lay["name"], "wall_s": round(time.perf_counter() - t0, 1), "status": got["result"]["status"],
-               "steps_done": got.get("steps_done", args.steps),
-               "predicted_allocated": predicted, "measured_allocated": got["allocated"],
-               "predicted_reserved": predicted * (1 + ALLOCATOR_SLACK), "measured_reserved": got["reserved"],
-               "predicted_device": plan.gpu_peak, "measured_context": got["context"],
-               "trainer_allocated": got.get("trainer_allocated"),
-               "parts": {p.name: [p.first, p.second] for p in plan.gpu}}
+    for lay in todo:
+        argv = [sys.executable, __file__, "--out", str(out), "--steps", str(args.steps), "--layout", lay["name"]]
+        p = subprocess.run(argv + (["--smoke"] if args.smoke else []), cwd=ROOT, capture_output=True, text=True)
+        result = out / f"{slug(lay['name'])}.json"
+        (out / f"{slug(lay['name'])}.log").write_text(p.stdout + p.stderr)
+        if p.returncode or not result.exists():
+            print(f"{lay['name']}: FAILED (exit {p.returncode}); log: {out / slug(lay['name'])}.log\n"
+                  f"{(p.stdout + p.stderr)[-3000:]}", flush=True)
+            return 1
+        row = json.loads(result.read_text())
         rows.append(row)
-        print(f"{row['name']}: predicted {predicted / GIB:.2f} GiB, measured {got['allocated'] / GIB:.2f} GiB "
-              f"({row['wall_s']} s)", flush=True)
-        del got
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        print(f"{row['name']}: predicted {row['predicted_allocated'] / GIB:.2f} GiB, measured "
+              f"{row['measured_allocated'] / GIB:.2f} GiB ({row['wall_s']} s)", flush=True)
     device = "CPU (torch.profiler allocations)" if args.smoke else torch.cuda.get_device_name()
     print(f"\n{device}, torch {torch.__version__}; CUDA context assumed {CUDA_CONTEXT_BYTES / GIB:.2f} GiB\n")
     print("| layout | predicted allocated | measured max allocated | ratio | predicted reserved | measured max reserved "
@@ -206,10 +233,6 @@ def main() -> int:
     (out / "planner_vs_gpu.json").write_text(json.dumps({"device": device, "torch": torch.__version__,
                                                          "smoke": args.smoke, "layouts": rows}, indent=1) + "\n")
     print(f"\nwrote {out / 'planner_vs_gpu.json'}")
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return 0
 
 
