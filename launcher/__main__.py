@@ -4,6 +4,8 @@
     python -m launcher render   CONFIG [key=value ...] [--out RUN_DIR]
     python -m launcher submit   CONFIG [key=value ...] [--out RUN_DIR] [--dry-run]
     python -m launcher run      CONFIG [key=value ...] [--nnodes N --node-rank I --master-addr HOST]
+    python -m launcher plan     CONFIG [key=value ...] --gpus-per-node G --gpu-mem-gb M [--nodes N]
+                                [--cpu-mem-gb C] [--model-config CONFIG.json] [--apply OUT.yaml]
     python -m launcher render-presets [--check]     (ds_configs/*.json, slurm/finetune.sh)
     python -m launcher job-facts CONFIG [key=value ...]   (used by the batch script)
 
@@ -48,6 +50,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--master-port", type=int, default=None, help="port on node 0 (default: a free one, "
                      "or 29500 with --nnodes > 1)")
     run.add_argument("--dry-run", action="store_true", help="print the command only")
+    pl = with_config("plan", "predict the peak GPU and CPU memory; refuse a layout that does not fit and list "
+                     "the layouts that do")
+    pl.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node (one rank each)")
+    pl.add_argument("--gpu-mem-gb", type=float, required=True, help="memory of one GPU in GiB, e.g. 80")
+    pl.add_argument("--nodes", type=int, default=None, help="nodes (default: dist.nodes)")
+    pl.add_argument("--cpu-mem-gb", type=float, default=None, help="CPU memory per node in GiB (default: slurm.mem_gb)")
+    pl.add_argument("--model-config", default=None, help="the model's Hugging Face config.json (or its folder), when "
+                    "model.name_or_path is not readable here")
+    pl.add_argument("--apply", metavar="OUT.yaml", default=None, help="write CONFIG with the fastest layout that fits "
+                    "to this new file (never overwrites)")
+    pl.add_argument("--top", type=int, default=8, help="how many fitting layouts to list (default 8)")
     pr = sub.add_parser("render-presets", help="regenerate ds_configs/*.json and slurm/finetune.sh")
     pr.add_argument("--check", action="store_true", help="only report files that differ (exit 1)")
     with_config("job-facts", "print RUN_DIR, PROCS_PER_NODE, MAX_REQUEUES as shell assignments")
@@ -81,9 +94,80 @@ def cmd_validate(args) -> int:
     if problems:
         raise ConfigError(problems, args.config)
     n, source, hf = count_params(cfg.model.name_or_path, cfg.model.config)
+    memory: list[str] = []
+    if cfg.slurm.gpu_mem_gb is not None:  # the memory planner, on the GPUs the job asks for
+        from launcher import planner
+
+        s = cfg.slurm
+        hw = planner.Hardware(cfg.dist.nodes, cfg.dist.procs_per_node, s.gpu_mem_gb, s.mem_gb,
+                              gpu_key="slurm.gpu_mem_gb", cpu_key="slurm.mem_gb")
+        memory, problems, _ = planner.report(cfg, planner.ModelInfo(n, source, hf), hw)
+        if problems:
+            print("\n".join(memory))
+            raise ConfigError(problems, args.config)
     print(f"OK: {args.config}")
-    for line in summary(cfg, n, source, hf):
+    for line in summary(cfg, n, source, hf) + memory:
         print(f"  {line}")
+    return 0
+
+
+def _model_info(cfg: RunConfig, model_config: Optional[str]):
+    """The parameter count and the HF config: from --model-config, or the model section."""
+    import json
+
+    from launcher.memory import count_params, params_from_hf_config
+    from launcher.planner import ModelInfo
+
+    if model_config is None:
+        return ModelInfo(*count_params(cfg.model.name_or_path, cfg.model.config))
+    path = Path(model_config)
+    path = path / "config.json" if path.is_dir() else path
+    try:
+        hf = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError([f"--model-config {model_config!r} is not a readable Hugging Face config.json ({e}); "
+                           "point it at the model's config.json"], "the command line") from None
+    if not isinstance(hf, dict):
+        raise ConfigError([f"--model-config {model_config!r} holds no JSON object"], "the command line")
+    n = params_from_hf_config(hf)
+    return ModelInfo(n, f"{path}, Llama-style formula" if n else f"{path}: architecture not counted", hf)
+
+
+def cmd_plan(args) -> int:
+    import yaml
+
+    from launcher import execute, planner
+    from launcher.rules import apply_overrides, load_config, parse_overrides, read_yaml, validate
+
+    out = Path(args.apply) if args.apply else None
+    if out is not None and out.exists():
+        raise ConfigError([f"--apply {args.apply!r} already exists; plan never overwrites a file: give a new name"],
+                          "the command line")
+    cfg = load_config(args.config, args.overrides, disk=False)  # the model and data may live on the cluster only
+    hw = planner.Hardware(args.nodes if args.nodes is not None else cfg.dist.nodes, args.gpus_per_node,
+                          args.gpu_mem_gb, args.cpu_mem_gb if args.cpu_mem_gb is not None else cfg.slurm.mem_gb,
+                          cpu_key="--cpu-mem-gb" if args.cpu_mem_gb is not None else "slurm.mem_gb")
+    if hw.problems():
+        raise ConfigError(hw.problems(), "the command line")
+    lines, problems, options = planner.report(cfg, _model_info(cfg, args.model_config), hw, args.top,
+                                              alternatives=out is not None)
+    print("\n".join([f"plan: {args.config}", *lines]))
+    if out is None or not options:
+        if problems:
+            raise ConfigError(problems, args.config)
+        return 0
+    best = options[0]
+    data = apply_overrides(read_yaml(args.config), {**parse_overrides(args.overrides)[0], **best.overrides})
+    validate(data, source=str(out))  # what we write must load as it planned
+    flags = [(f"--{k.replace('_', '-')}", v) for k, v in vars(args).items()
+             if k in ("gpus_per_node", "gpu_mem_gb", "nodes", "cpu_mem_gb", "model_config", "apply") and v is not None]
+    regenerate = _shell_line(["python", "-m", "launcher", "plan", args.config, *args.overrides,
+                              *(f"{x:g}" if isinstance(x, float) else str(x) for kv in flags for x in kv)])
+    text = (f"# Generated by: {regenerate}\n# {args.config} with the fastest layout that fits: {best.text}\n"
+            + yaml.safe_dump(data, sort_keys=False))
+    if not execute.write_new_file(out, text):
+        raise ConfigError([f"--apply {args.apply!r} already exists; plan never overwrites a file"], "the command line")
+    print(f"wrote {out}: {args.config} with {best.text} (GPU peak {planner.human(best.plan.gpu_peak)})")
     return 0
 
 
@@ -193,7 +277,7 @@ def cmd_job_facts(args) -> int:
     return 0
 
 
-COMMANDS = {"validate": cmd_validate, "render": cmd_render, "submit": cmd_submit, "run": cmd_run,
+COMMANDS = {"validate": cmd_validate, "plan": cmd_plan, "render": cmd_render, "submit": cmd_submit, "run": cmd_run,
             "render-presets": cmd_render_presets, "job-facts": cmd_job_facts}
 
 

@@ -27,6 +27,8 @@ class ModelConfig(_Section):
     # Tokenizer folder; defaults to name_or_path.
     tokenizer: Optional[str] = None
     gradient_checkpointing: bool = False
+    # Liger's fused linear cross-entropy (logits chunk by chunk, never all at once).
+    liger: bool = False
 
 
 class DataConfig(_Section):
@@ -65,6 +67,9 @@ class TrainConfig(_Section):
     allow_bnb_offload: bool = False
     eval_every: int = Field(0, ge=0)  # 0 = only at the end
     eval_max_batches: int = Field(0, ge=0)  # 0 = whole eval split
+    # Causal-LM loss over chunks of this many tokens (logits recomputed in backward, one chunk alive
+    # at a time); 0 = the plain loss over full fp32 logits.
+    loss_chunk_tokens: int = Field(1024, ge=0)
 
 
 class PrecisionConfig(_Section):
@@ -114,6 +119,9 @@ class SlurmConfig(_Section):
     time_min: int = Field(60, gt=0)
     cpus_per_task: int = Field(8, gt=0)
     mem_gb: Optional[int] = Field(None, gt=0)
+    # Memory of one GPU (GiB): when set, `validate` runs the memory planner and refuses a layout
+    # that does not fit (launcher/planner.py).
+    gpu_mem_gb: Optional[float] = Field(None, gt=0)
     # GPUs requested per node; None = dist.procs_per_node, 0 = CPU-only (no --gpus-per-node line).
     gpus_per_node: Optional[int] = Field(None, ge=0)
     # Preemption: Slurm sends this signal signal_lead_s before the time limit; the job

@@ -23,6 +23,21 @@ def write_files(files: dict[Path, str], executable: tuple[Path, ...] = ()) -> No
         os.replace(tmp, path)
 
 
+def write_new_file(path: Path, text: str) -> bool:
+    """Write ``path`` only if it does not exist (atomic: a hard link never replaces a file).
+    Returns False, writing nothing, when it exists."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink()
+    return True
+
+
 def read_text(path: Path) -> Optional[str]:
     return path.read_text() if path.is_file() else None
 

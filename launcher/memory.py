@@ -1,15 +1,23 @@
-"""Model-state memory per GPU under ZeRO (parameters, gradients, optimizer states).
+"""GPU and CPU memory of a training rank: the formulas (launcher/planner.py puts them together).
 
-The ZeRO paper's formulas (Rajbhandari et al. 2020, section 5.1) for mixed-precision Adam
-(2-byte params and grads, K = 12 bytes of fp32 master weights + momentum + variance per param),
-with Psi parameters on N data-parallel ranks:
+Model states per rank, as DeepSpeed 0.19 allocates them (Psi parameters, T of them trainable, N
+data-parallel ranks, N' = N for ZeRO stage >= 1 and 1 for stage 0; p = 2 bytes in bf16/fp16, 4 in fp32):
 
-    stage 0: 16 Psi     stage 1: 4 Psi + 12 Psi/N     stage 2: 2 Psi + 14 Psi/N     stage 3: 16 Psi/N
+    16-bit parameters          p Psi              (ZeRO-3: / N)
+    gradients                  p T                (ZeRO-2/3: / N; with optimizer offload they go to CPU)
+    optimizer states           (4 + K) T / N'     fp32 master copy (none for fp32 at stage 0) + K bytes
+                                                  of moments (Adam 8, 8-bit Adam 2, 8-bit Lion 1)
+    fp32 gradient partition    4 T / N'           built at the optimizer step (none for fp32 at stage 0)
 
-generalised here to fp32 training (4-byte params and grads, K = 8: no master copy), 8-bit
-optimizers (1 byte per moment), frozen parameters (no gradient, no optimizer state: LoRA), and
-ZeRO-Offload (optimizer states -> CPU; with offload_param also the parameters). Activations,
-buffers and fragmentation come on top: this is a floor, not a guarantee.
+With mixed-precision Adam this is the ZeRO paper's 2 + 2 + 12 bytes (Rajbhandari et al. 2020, 5.1)
+plus the 4-byte fp32 gradient DeepSpeed builds for the step: 2 Psi + 18 Psi / N at ZeRO-2, as
+DeepSpeed's own ``estimate_zero2_model_states_mem_needs`` says. Optimizer offload moves optimizer
+states and the fp32 gradients to CPU memory (ZeRO-3 also its 16-bit gradient partition); parameter
+offload (ZeRO-3) the 16-bit parameters. Frozen parameters (LoRA) have no gradient and no state.
+
+Activations (:func:`activation_bytes`), logits (:func:`logits_bytes`) and the ZeRO-3 gather
+(:func:`largest_layer`, :func:`persistent_params`) come from the layer shapes of the Hugging Face
+config (:func:`model_shape`); each function documents its formula.
 
 Parameter counts come from the model folder's safetensors headers (exact) or, for Llama-style
 configs, from the config dict (:func:`params_from_hf_config`). ``count_params`` is the only
@@ -26,26 +34,36 @@ from typing import Any, Optional
 
 GIB = 2**30
 LLAMA_LIKE = ("llama", "mistral")
+BERT_LIKE = ("bert", "roberta", "xlm-roberta")
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
+    """Model states of one rank, in bytes (GPU, and CPU under offload)."""
     params: int
     trainable: int
     world: int
-    gpu_params: float  # bytes per GPU
-    gpu_grads: float
-    gpu_optim: float
-    cpu_per_rank: float  # bytes per rank held in CPU memory by offload
+    gpu_params: float  # 16-bit (or fp32) parameters
+    gpu_grads: float  # 16-bit gradients
+    gpu_optim: float  # fp32 master copy + optimizer moments
+    gpu_step_grads: float  # fp32 gradient partition, alive during the optimizer step
+    cpu_params: float = 0.0  # offload_param
+    cpu_grads: float = 0.0  # offload_optimizer: the gradients (fp32, and ZeRO-3's 16-bit partition)
+    cpu_optim: float = 0.0  # offload_optimizer: master copy + moments
 
     @property
     def gpu_total(self) -> float:
-        return self.gpu_params + self.gpu_grads + self.gpu_optim
+        """Every model state at once, as DeepSpeed's estimators count them."""
+        return self.gpu_params + self.gpu_grads + self.gpu_optim + self.gpu_step_grads
+
+    @property
+    def cpu_per_rank(self) -> float:
+        return self.cpu_params + self.cpu_grads + self.cpu_optim
 
     def describe(self) -> str:
         text = (f"{human(self.gpu_total)} per rank/GPU (params {human(self.gpu_params)} + grads {human(self.gpu_grads)} + "
-                f"optimizer states {human(self.gpu_optim)}) for {self.params:,} params "
-                f"({self.trainable:,} trainable) on {self.world} rank(s)")
+                f"optimizer states {human(self.gpu_optim)} + fp32 grads at the step {human(self.gpu_step_grads)}) "
+                f"for {self.params:,} params ({self.trainable:,} trainable) on {self.world} rank(s)")
         if self.cpu_per_rank:
             text += f"; offloaded to CPU memory: {human(self.cpu_per_rank)} per rank"
         return text
@@ -58,32 +76,206 @@ def human(n_bytes: float) -> str:
     return f"{n_bytes:.0f} B"
 
 
-def optimizer_state_bytes(optimizer: str, mixed_precision: bool) -> int:
-    """Bytes of optimizer state per trainable parameter (K in the ZeRO paper)."""
-    moments = 2 if "8bit" in optimizer.lower() else 8  # Adam's m and v: 1 or 4 bytes each
-    return moments + (4 if mixed_precision else 0)  # + the fp32 master copy
+def moment_bytes(optimizer: str) -> int:
+    """Bytes of optimizer moments per trainable parameter: Adam's m and v in fp32 (8), in 8 bits
+    (2; measured 2.03-2.05 with the block scales, REPORT 5), 8-bit Lion's one moment (1)."""
+    if optimizer == "lion8bit":
+        return 1
+    return 2 if optimizer.endswith("8bit") else 8
 
 
 def estimate(params: int, trainable: int, world: int, stage: int, dtype: str = "bf16",
              optimizer: str = "adamw", offload_optimizer: bool = False, offload_param: bool = False,
              frozen_bits: Optional[int] = None) -> MemoryEstimate:
-    """Bytes per GPU. ``frozen_bits`` = storage of frozen params (4 for QLoRA); default = dtype."""
+    """Model-state bytes per rank (see the module docstring). ``frozen_bits`` = storage of frozen
+    params (4 for QLoRA); default = dtype."""
     mixed = dtype in ("bf16", "fp16")
-    p = g = 2 if mixed else 4
-    k = optimizer_state_bytes(optimizer, mixed)
-    n = world
+    p = 2 if mixed else 4
+    n = world if stage >= 1 else 1  # optimizer states and fp32 grads are partitioned from stage 1
+    wrapped = mixed or stage >= 1  # fp32 at stage 0 runs the bare optimizer: no master copy, no fp32 grads
     frozen = (params - trainable) * (p if frozen_bits is None else frozen_bits / 8)
-    params_b = (p * trainable + frozen) / (n if stage == 3 else 1)
-    grads_b = g * trainable / (n if stage >= 2 else 1)
-    optim_b = k * trainable / (n if stage >= 1 else 1)
-    cpu = 0.0
+    params_b = (p * trainable + frozen) / (world if stage == 3 else 1)
+    grads_b = p * trainable / (world if stage >= 2 else 1)
+    optim_b = ((4 if wrapped else 0) + moment_bytes(optimizer)) * trainable / n
+    step_b = 4 * trainable / n if wrapped else 0.0
+    cpu_params = cpu_grads = cpu_optim = 0.0
     if offload_optimizer:
-        cpu += optim_b
-        optim_b = 0.0
+        cpu_optim, optim_b = optim_b, 0.0
+        cpu_grads, step_b = step_b, 0.0  # the fp32 gradient partition lives on the CPU for good
+        if stage >= 2:  # gradients are reduced straight into CPU buffers (ZeRO-3 keeps a 16-bit one there)
+            cpu_grads += grads_b if stage == 3 else 0.0
+            grads_b = 0.0
     if offload_param:
-        cpu += params_b
-        params_b = 0.0
-    return MemoryEstimate(params, trainable, world, params_b, grads_b, optim_b, cpu)
+        cpu_params, params_b = params_b, 0.0
+    return MemoryEstimate(params, trainable, world, params_b, grads_b, optim_b, step_b, cpu_params, cpu_grads,
+                          cpu_optim)
+
+
+# --------------------------------------------------------------------------- layer shapes
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The layer shapes the activation model needs, read from a Hugging Face config dict."""
+    family: str  # "llama" (pre-norm RMSNorm, SwiGLU, rotary, GQA) or "bert" (post-LayerNorm, GELU)
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool  # input embedding and output head share one matrix
+    hidden_dropout: float  # BERT: dropout after the embeddings, attention output and MLP output
+    positions: int = 0  # BERT: rows of the learned position embedding
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def describe(self) -> str:
+        kv = f" ({self.kv_heads} kv)" if self.kv_heads != self.heads else ""
+        return (f"{self.family}-style: {self.layers} layers, hidden {self.hidden}, intermediate {self.intermediate}, "
+                f"{self.heads} heads{kv} of {self.head_dim}, vocab {self.vocab:,}")
+
+
+def model_shape(c: dict[str, Any]) -> Optional[ModelShape]:
+    """The shapes of a Llama-style or BERT-style config; None for an architecture not modeled."""
+    family = "llama" if c.get("model_type") in LLAMA_LIKE else "bert" if c.get("model_type") in BERT_LIKE else None
+    if family is None:
+        return None
+    try:
+        h, heads = int(c["hidden_size"]), int(c["num_attention_heads"])
+        shape = ModelShape(
+            family=family, vocab=int(c["vocab_size"]), hidden=h, intermediate=int(c["intermediate_size"]),
+            layers=int(c["num_hidden_layers"]), heads=heads, kv_heads=int(c.get("num_key_value_heads") or heads),
+            head_dim=int(c.get("head_dim") or h // heads),
+            tied=bool(c.get("tie_word_embeddings", family == "bert")),
+            hidden_dropout=float(c.get("hidden_dropout_prob", 0.1) if family == "bert" else 0.0),
+            positions=int(c.get("max_position_embeddings", 512)) if family == "bert" else 0)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    return shape
+
+
+def largest_layer(s: ModelShape) -> int:
+    """Elements of the largest module's own parameters (what ZeRO-3 gathers at once; DeepSpeed's
+    ``model_to_params`` counts the same): the embedding / output head, one MLP matrix, or BERT's
+    position embedding."""
+    return max(s.vocab * s.hidden, s.hidden * s.intermediate, s.hidden * s.q_dim, s.positions * s.hidden)
+
+
+def persistent_params(s: ModelShape, threshold: int) -> int:
+    """Elements ZeRO-3 keeps gathered on every rank (tensors below stage3_param_persistence_threshold
+    elements): Llama's norm weights (2 per layer + the final one); BERT's LayerNorm weights and
+    biases (4 per layer + 2) and linear biases (5 of size h and 1 of size i per layer)."""
+    if s.family == "llama":
+        tensors = [(s.hidden, 2 * s.layers + 1)]  # (elements of one tensor, how many)
+    else:
+        tensors = [(s.hidden, 9 * s.layers + 2), (s.intermediate, s.layers)]
+    return sum(n * k for n, k in tensors if n < threshold)
+
+
+# --------------------------------------------------------------------------- activations
+
+
+def layer_activation_bytes(s: ModelShape, micro: int, seq: int, act_bytes: int, padded: bool,
+                           mask_bytes: int = 1) -> int:
+    """Bytes one transformer layer saves for backward (what autograd keeps), with sdpa attention
+    (flash / memory-efficient kernels keep the output and the log-sum-exp, never the S x S scores).
+
+    t = micro x seq tokens, a = activation bytes (2 bf16/fp16, 4 fp32), h hidden, i intermediate,
+    q = heads x head_dim, kv = kv_heads x head_dim.
+
+    Llama: 2 RMSNorms x (4 + 2a) t h  (fp32 copy of the input, normalised input, output)
+         + a t (2q + 2kv)             (q and k after rotary, v, attention output = o_proj input)
+         + 4 a t i                    (gate, SiLU(gate), up, their product = down_proj input)
+         + 4 micro heads seq          (fp32 log-sum-exp) + 8 t (two fp32 rsqrt)
+    BERT:  8 a t h                    (layer input, q, k, v, attention output, both LayerNorms' inputs,
+                                       the first one's output)
+         + 2 a t i                    (GELU input and output) + 2 m t h (dropout masks, m = 1 byte on CUDA)
+         + 4 micro heads seq + 4 a t  (LayerNorm mean / rstd)
+    Padded batches (a padding mask; data.packing=false) add the mask as an additive bias, a micro
+    seq^2 per layer, and k, v repeated to every head (kv -> q, transformers' repeat_kv).
+    Checked against the bytes autograd saves on a CPU model in tests/test_planner.py.
+    """
+    t, a, h, i = micro * seq, act_bytes, s.hidden, s.intermediate
+    kv = s.q_dim if padded else s.kv_dim
+    bias = a * micro * seq * seq if padded else 0
+    lse = 4 * micro * s.heads * seq
+    if s.family == "llama":
+        return 2 * (4 + 2 * a) * t * h + a * t * (2 * s.q_dim + 2 * kv) + 4 * a * t * i + lse + 8 * t + bias
+    masks = 2 * mask_bytes * t * h if s.hidden_dropout > 0 else 0
+    return 8 * a * t * h + 2 * a * t * i + masks + lse + 4 * a * t + bias
+
+
+def activation_bytes(s: ModelShape, micro: int, seq: int, act_bytes: int, padded: bool, checkpointing: bool,
+                     mask_bytes: int = 1) -> int:
+    """Saved activations of the whole model at the top of backward.
+
+    Without checkpointing: layers x :func:`layer_activation_bytes` + the embedding (8 t for the
+    int64 ids) + Llama's final norm ((4 + 2a) t h + 4 t) and the rotary cos / sin every layer
+    shares (2 a seq head_dim); BERT's embedding LayerNorm (a t h + 2 a t) and dropout mask, its
+    token-type and position ids (8 seq + 8 max_position_embeddings), and the head's input, the
+    last layer's output (a t h).
+    With (non-reentrant) gradient checkpointing every layer keeps only its input: layers x a t h
+    (the layer recomputed in backward is :func:`layer_backward_bytes`).
+    """
+    t, a, h = micro * seq, act_bytes, s.hidden
+    if s.family == "llama":
+        outside = 8 * t + (4 + 2 * a) * t * h + 4 * t + (0 if checkpointing else 2 * a * seq * s.head_dim)
+    else:
+        outside = (8 * t + 8 * seq + 8 * s.positions + 2 * a * t * h + 2 * a * t
+                   + (mask_bytes * t * h if s.hidden_dropout > 0 else 0))
+    per_layer = a * t * h if checkpointing else layer_activation_bytes(s, micro, seq, a, padded, mask_bytes)
+    return s.layers * per_layer + outside
+
+
+def layer_backward_bytes(s: ModelShape, micro: int, seq: int, act_bytes: int, padded: bool, checkpointing: bool,
+                         mask_bytes: int = 1) -> int:
+    """Working memory inside one layer's backward, on top of the saved activations: the gradients of
+    the MLP's inputs (2 a t i) and of one weight (a h i); with checkpointing also the layer's
+    recomputed activations. It comes after the loss's backward has freed the logits, so a rank's
+    peak holds the larger of the two."""
+    t, a = micro * seq, act_bytes
+    work = 2 * a * t * s.intermediate + a * s.hidden * s.intermediate
+    return work + (layer_activation_bytes(s, micro, seq, a, padded, mask_bytes) if checkpointing else 0)
+
+
+# Bytes per logit alive at the top of backward for the plain loss: the saved fp32 log-softmax (4),
+# the gradient of the log-softmax output (4) and of its input (4). Forward holds a (logits) + 4 (the
+# fp32 copy) + 4 (log-softmax) <= 12 for a <= 4 bytes.
+LOGIT_BYTES = 12
+
+
+def liger_chunk_tokens(tokens: int, s: ModelShape) -> int:
+    """Liger's fused linear cross-entropy chunk: next_power_of_2(ceil(tokens / ceil(vocab / hidden)))."""
+    chunks = math.ceil(s.vocab / s.hidden)
+    return 1 << max(0, math.ceil(tokens / chunks) - 1).bit_length()
+
+
+def logits_bytes(s: ModelShape, tokens: int, chunk_tokens: int, liger: bool, act_bytes: int,
+                 head_trains: bool = True) -> tuple[int, str]:
+    """(bytes, formula) of the logits and the loss of a causal LM at their peak.
+
+    plain (chunk_tokens 0):  12 t V        (LOGIT_BYTES: every token's logits at once)
+    chunked:                 12 c V        (c = min(chunk_tokens, t): one chunk's logits at a time)
+    Liger:                   a c V + a t h + a V h   (c = Liger's chunk; logits chunk with its
+                             gradient written in place, grad of the hidden states, grad of the head)
+    """
+    v = s.vocab
+    if liger:
+        c = min(tokens, liger_chunk_tokens(tokens, s))
+        head = act_bytes * v * s.hidden if head_trains else 0
+        return (act_bytes * c * v + act_bytes * tokens * s.hidden + head,
+                f"Liger: {act_bytes} x {c:,} x {v:,} + grad of hidden states + grad of the head")
+    c = tokens if chunk_tokens == 0 else min(chunk_tokens, tokens)
+    how = "plain fp32 loss" if chunk_tokens == 0 else f"chunks of {c:,} tokens"
+    return LOGIT_BYTES * c * v, f"{how}: {LOGIT_BYTES} x {c:,} tokens x vocab {v:,}"
 
 
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

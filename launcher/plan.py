@@ -11,7 +11,7 @@ from typing import Optional
 from launcher import rundir
 from launcher.batch import plan_batch
 from launcher.config import RunConfig, to_yaml
-from launcher.memory import MemoryEstimate, estimate, lora_params
+from launcher.planner import model_state
 from launcher.slurm import ScriptSpec, comment, q, render_script, sbatch_argv, sbatch_options
 
 PRESETS_COMMAND = "python -m launcher render-presets"
@@ -107,7 +107,7 @@ def summary(cfg: RunConfig, n_params: Optional[int], params_source: str, hf_conf
     ]
     if n_params:
         est, note = model_state(cfg, n_params, hf_config)
-        lines.append(f"model-state memory (ZeRO formulas; activations not included): {est.describe()}"
+        lines.append(f"model-state memory (DeepSpeed's allocations; activations not included): {est.describe()}"
                      + (f" [{note}]" if note else ""))
     else:
         lines.append(f"model-state memory: unknown ({params_source})")
@@ -116,25 +116,6 @@ def summary(cfg: RunConfig, n_params: Optional[int], params_source: str, hf_conf
                  f"the limit, up to {s.max_requeues} requeue(s); a job whose world is not {plan.world_size} "
                  f"{policy[d.on_world_mismatch]} (dist.on_world_mismatch={d.on_world_mismatch})")
     return lines
-
-
-def model_state(cfg: RunConfig, n_params: int, hf_config: dict) -> tuple[MemoryEstimate, str]:
-    """The memory estimate for this config's stage, offload, precision, optimizer and method."""
-    z, m = cfg.zero, cfg.method
-    params, trainable, note = n_params, n_params, ""
-    if m.name in ("lora", "qlora", "adalora"):
-        adapter = lora_params(hf_config, m.lora.r, m.lora.target_modules, m.lora.use_dora)
-        if adapter is None:
-            trainable, note = 0, "adapter parameters not counted for this architecture"
-        else:
-            params, trainable = n_params + adapter, adapter
-    elif m.name != "full":
-        trainable, note = 0, f"{m.name} adapter parameters not counted"
-    elif m.freeze != type(m.freeze)() or m.unfreeze_every_steps:
-        note = "partial freezing not counted: an upper bound"
-    est = estimate(params, trainable, cfg.world_size, z.stage, cfg.precision.dtype, cfg.train.optimizer,
-                   z.offload_optimizer, z.offload_param, frozen_bits=4 if m.name == "qlora" else None)
-    return est, note
 
 
 # --------------------------------------------------------------------------- presets

@@ -312,6 +312,9 @@ def slurm_problems(cfg: RunConfig) -> list[str]:
                  f"starts one rank per GPU, a world of {d.nodes} x {s.gpus_per_node} = {d.nodes * s.gpus_per_node}, "
                  f"not the {cfg.world_size} the batch math plans; set dist.procs_per_node={s.gpus_per_node} (or "
                  "leave slurm.gpus_per_node unset; 0 = CPU-only nodes)")
+    if s.gpu_mem_gb is not None and s.gpus_per_node == 0:
+        p.append(f"'slurm.gpu_mem_gb' = {s.gpu_mem_gb:g} but 'slurm.gpus_per_node' = 0 (CPU-only nodes): there is no "
+                 "GPU memory to plan; remove slurm.gpu_mem_gb, or request GPUs")
     if not s.job_name.strip():
         p.append("'slurm.job_name' is empty; give the job a name (e.g. slurm.job_name=finetune)")
     for key in ("partition", "account", "qos", "constraint", "python"):
