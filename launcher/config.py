@@ -282,5 +282,10 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
 
 
 def to_yaml(cfg: RunConfig) -> str:
-    """The resolved config as YAML that launcher/rules.py `load_config` reads back to the same config."""
-    return yamlio.dump(to_dict(cfg))
+    """The resolved config as YAML that launcher/rules.py `load_config` reads back to the same config.
+    With train.global_batch_size set, grad_accum is derived (rules.validate) and left out, so that it
+    cannot go stale when the same file is loaded with another world size."""
+    data = to_dict(cfg)
+    if cfg.train.global_batch_size is not None:
+        del data["train"]["grad_accum"]
+    return yamlio.dump(data)

@@ -210,7 +210,8 @@ def _section_model(loc: tuple) -> type[BaseModel]:
 def _as_written(key: str, value: Any, origin: Origin) -> str:
     raw, line = origin.get(key, (None, None))
     if not raw or not raw.isprintable():
-        return repr(value)
+        shown = repr(value)
+        return shown if len(shown) <= 80 else shown[:60] + " ... " + shown[-15:]
     return f"{raw} (line {line})" if line else f"{raw} (the {key}= override)"
 
 

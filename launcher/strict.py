@@ -229,15 +229,16 @@ def strict_value(ann: Any, meta: tuple, value: Any) -> Any:
         for k in value:
             if not isinstance(k, str):
                 raise _Wrong(f"key {k!r} is not a string (quote it)")
-        return {k: strict_value(args[1], (), v) for k, v in value.items()}
+        return {k: _any(v, k) if args[1] is Any else _item(args[1], v, k) for k, v in value.items()}
     return value
 
 
-def _item(ann: Any, value: Any, i: int) -> Any:
+def _item(ann: Any, value: Any, at: Union[int, str]) -> Any:
+    """One list item (``at`` its index) or mapping value (``at`` its key)."""
     try:
         return strict_value(ann, (), value)
     except _Wrong as e:
-        raise _Wrong(f"item {i} ({value!r}): {e}") from None
+        raise _Wrong(f"item {at} ({value!r}): {e}" if isinstance(at, int) else f"{at}: {e}") from None
 
 
 class StrictSection(BaseModel):

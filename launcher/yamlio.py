@@ -11,8 +11,8 @@ that a message can show the value as written.
 Scalars follow YAML 1.2's JSON-like rules, not PyYAML's YAML 1.1: ``true``/``false`` are the only
 booleans (``yes``, ``on`` are strings), integers are decimal (``1:00:00`` is a string, not 3600
 sexagesimal; ``010`` is 10, not octal 8), ``1e-4`` is a float, ``~``/``null``/empty are null, and
-there are no timestamps. The dumper uses the same rules, so every string it writes loads back as a
-string. Refused: a key given twice in one mapping (at any depth), keys that are not strings, tags
+there are no timestamps. The dumper quotes every string that YAML 1.1 or these rules would read as
+something else, so config.yaml loads back equal here and means the same to a plain ``yaml.safe_load``. Refused: a key given twice in one mapping (at any depth), keys that are not strings, tags
 other than the core ones (``!!python/object``, ``!!binary``, custom ``!x``), recursive aliases,
 alias expansions past :data:`MAX_NODES` values, and a raw U+0085/U+2028/U+2029 (YAML 1.1 reads them
 as line breaks, which silently changes the value).
@@ -52,9 +52,9 @@ class _Resolver(yaml.resolver.BaseResolver):
     """Plain-scalar types as YAML 1.2 reads them (shared by loader and dumper)."""
 
 
-for _tag, _regexp, _first in (
-        (BOOL, _BOOL, "tTfF"), (INT, _INT, "-+0123456789"), (FLOAT, _FLOAT, "-+.0123456789"),
-        (NULL, _NULL, ["~", "n", "N", ""]), (MERGE, re.compile(r"<<$"), "<")):
+_RESOLVERS = ((BOOL, _BOOL, "tTfF"), (INT, _INT, "-+0123456789"), (FLOAT, _FLOAT, "-+.0123456789"),
+              (NULL, _NULL, ["~", "n", "N", ""]), (MERGE, re.compile(r"<<$"), "<"))
+for _tag, _regexp, _first in _RESOLVERS:
     _Resolver.add_implicit_resolver(_tag, _regexp, list(_first))
 
 
@@ -109,7 +109,16 @@ class _Loader(yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser, yaml
         _Resolver.__init__(self)
 
 
-class _Dumper(yaml.emitter.Emitter, yaml.serializer.Serializer, yaml.representer.SafeRepresenter, _Resolver):
+class _DumpResolver(yaml.resolver.Resolver):
+    """YAML 1.1's plain-scalar types and ours: a string either would read as something else is quoted,
+    so config.yaml means the same to this loader and to a plain ``yaml.safe_load``."""
+
+
+for _tag, _regexp, _first in _RESOLVERS:
+    _DumpResolver.add_implicit_resolver(_tag, _regexp, list(_first))
+
+
+class _Dumper(yaml.emitter.Emitter, yaml.serializer.Serializer, yaml.representer.SafeRepresenter, _DumpResolver):
     def __init__(self, stream, default_style=None, default_flow_style=False, canonical=None, indent=None,
                  width=None, allow_unicode=None, line_break=None, encoding=None, explicit_start=None,
                  explicit_end=None, version=None, tags=None, sort_keys=True):
@@ -119,7 +128,7 @@ class _Dumper(yaml.emitter.Emitter, yaml.serializer.Serializer, yaml.representer
                                             explicit_end=explicit_end, version=version, tags=tags)
         yaml.representer.SafeRepresenter.__init__(self, default_style=default_style,
                                                   default_flow_style=default_flow_style, sort_keys=sort_keys)
-        _Resolver.__init__(self)
+        _DumpResolver.__init__(self)
 
 
 def _represent_float(dumper, value: float):
@@ -128,7 +137,9 @@ def _represent_float(dumper, value: float):
     elif math.isinf(value):
         text = ".inf" if value > 0 else "-.inf"
     else:
-        text = repr(value)  # shortest round-tripping form: 1e-05, 0.1, 3.0
+        text = repr(value)  # the shortest form that reads back equal: 0.1, 3.0, 1e-05 ...
+        if "." not in text:
+            text = text.replace("e", ".0e")  # ... as 1.0e-05, which YAML 1.1 reads as a float too
     return dumper.represent_scalar(FLOAT, text)
 
 
@@ -214,13 +225,14 @@ def _syntax_message(e: yaml.YAMLError, name: str) -> str:
     mark = getattr(e, "problem_mark", None)
     where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
     problem = getattr(e, "problem", None) or str(e)
-    hint = "; indent with spaces, not tabs" if "'\\t'" in problem else ""
+    hint = "; indent with spaces, not tabs" if "'\\t'" in problem else \
+        "; a run config is one YAML document (remove the second ---)" if "another document" in problem else ""
     return f"{name} is not valid YAML{where}: {problem}{hint}"
 
 
 def _compose(text: str, name: str):
-    loader = _Loader(text)
     try:
+        loader = _Loader(text)
         return loader, loader.get_single_node()
     except yaml.reader.ReaderError as e:
         line = text.count("\n", 0, e.position) + 1
