@@ -128,6 +128,7 @@ def load_config(path: Union[str, os.PathLike], overrides: Optional[list[str]] = 
         data["run_dir"] = run_dir  # set directly: a path is not YAML to be parsed
         origin.pop("run_dir", None)
     cfg = None
+    path = yamlio.shown_path(path)  # loaded, so it is printable
     try:
         cfg = validate(data, source=str(path), origin=origin)
     except ConfigError as e:

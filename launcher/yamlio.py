@@ -281,10 +281,17 @@ def load_text(text: str, name: str = "config") -> tuple[Any, dict[str, tuple[str
     return data, walk.origin
 
 
+def shown_path(path: Union[str, os.PathLike]) -> str:
+    """A path as text that can be printed: bytes that are not UTF-8 (surrogate escapes) as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def load_file(path: Union[str, os.PathLike]) -> tuple[Any, dict[str, tuple[str, int]]]:
     """A config file -> (data, origin). UTF-8 (a leading BOM is fine); ConfigError otherwise."""
     path = Path(path)
-    name = str(path)
+    name = shown_path(path)
+    if name != str(path):
+        raise ConfigError([f"config file name {name!r} is not valid UTF-8 text; rename the file"], name)
     if not path.exists():
         raise ConfigError([f"config file {name!r} does not exist; check the path"], name)
     if path.is_dir():

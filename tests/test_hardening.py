@@ -191,6 +191,9 @@ def test_config_files_that_are_not_utf8_text_or_not_files(base, tmp_path):
     assert "(it looks like UTF-16)" in refused(path, cmd="validate")
     assert "is a folder" in refused(tmp_path, cmd="validate")
     assert "is not a regular file" in refused(Path("/dev/zero"), cmd="validate")
+    odd_name = tmp_path / os.fsdecode(b"c\xff.yaml")  # a file name that is not UTF-8
+    odd_name.write_text(yaml.safe_dump(cfg))
+    assert "config file name" in refused(odd_name, cmd="validate") and "is not valid UTF-8 text" in refused(odd_name)
 
 
 # --------------------------------------------------------------------------- overrides
