@@ -3,10 +3,12 @@
     load_config(path, overrides)  YAML + dotted key=value overrides -> a validated RunConfig, or one
                                   ConfigError that lists every problem (schema, cross-field, disk)
 
-The launcher (validate, render, submit, run, job-facts) and the trainer load through it. Rules:
-the schema (launcher/config.py, pydantic); cross-field rules of the model, data, train and ZeRO
-keys, the task, the method and the Slurm section; the batch arithmetic (launcher/batch.py); and
-disk rules (model/data paths exist, the run dir belongs to this run, a base DeepSpeed JSON agrees).
+The launcher (validate, render, submit, run, job-facts) and the trainer load through it. Rules: the
+YAML itself (launcher/yamlio.py: one key per mapping, YAML 1.2 scalars); the schema (launcher/config.py,
+with strict types by field type from launcher/strict.py); cross-field rules of the model, data, train
+and ZeRO keys, the task, the method and the Slurm section; the batch arithmetic (launcher/batch.py); and
+disk rules (paths exist and are the right kind, the run dir can be written and belongs to this run, the
+model folder can be read, a base DeepSpeed JSON agrees).
 Each message names the key as the user typed it, the value and the fix. Importable without torch.
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ from launcher.batch import batch_problems
 from launcher.config import BNB_OPTIMIZERS, PEFT_METHODS, PER_LABEL_METRICS, TASK_METRICS, RunConfig, flatten, to_dict
 from launcher.errors import ConfigError
 from launcher.memory import HF_CONFIG, LLAMA_LIKE, read_model_folder
-from launcher.slurm import env_setup_problems
+from launcher.slurm import SENTINEL, env_setup_probes, env_setup_problems
 from launcher.strict import PathText, path_text_ok
 
 # dotted key -> (the scalar as the user wrote it, its line in the YAML file; None = a key=value override)
@@ -123,8 +125,8 @@ def load_config(path: Union[str, os.PathLike], overrides: Optional[list[str]] = 
         origin.update({k: (raw, None) for k, raw in _override_text(overrides or []).items()})
     if run_dir is not None and isinstance(data, dict):
         if "run_dir" in parsed:
-            problems.append(f"run_dir is given twice: --out {run_dir!r} and the override run_dir={parsed['run_dir']!r}; "
-                            "keep one")
+            problems.append(f"run_dir is given twice: --out {run_dir!r} and the override "
+                            f"run_dir={parsed['run_dir']!r}; keep one")
         data["run_dir"] = run_dir  # set directly: a path is not YAML to be parsed
         origin.pop("run_dir", None)
     cfg = None
@@ -222,7 +224,8 @@ def _describe_pydantic_error(err: dict[str, Any], origin: Optional[Origin] = Non
     kind = err["type"]
     value = err.get("input")
     if kind == "strict_type":
-        return f"'{key}' = {_as_written(key, value, origin or {})}: {err['msg']}; fix it in the YAML file or with {key}=..."
+        shown = _as_written(key, value, origin or {})
+        return f"'{key}' = {shown}: {err['msg']}; fix it in the YAML file or with {key}=..."
     if kind == "extra_forbidden":
         parent = _section_model(loc[:-1])
         valid = sorted(parent.model_fields)
@@ -325,9 +328,12 @@ def hf_config_problems(c: dict[str, Any], where: str) -> list[str]:
 # Module names of a Llama-style model (transformers' LlamaFor*/MistralFor*), "{i}" = a layer index.
 _LLAMA_MODULES = ("model", "model.embed_tokens", "model.layers", "model.layers.{i}", "model.layers.{i}.self_attn",
                   *(f"model.layers.{{i}}.self_attn.{m}" for m in ("q_proj", "k_proj", "v_proj", "o_proj")),
-                  "model.layers.{i}.mlp", *(f"model.layers.{{i}}.mlp.{m}" for m in ("gate_proj", "up_proj", "down_proj")),
+                  "model.layers.{i}.mlp",
+                  *(f"model.layers.{{i}}.mlp.{m}" for m in ("gate_proj", "up_proj", "down_proj")),
                   "model.layers.{i}.mlp.act_fn", "model.layers.{i}.input_layernorm",
                   "model.layers.{i}.post_attention_layernorm", "model.norm", "model.rotary_emb")
+
+
 def llama_module_names(task_type: str) -> tuple[str, ...]:
     """Module names of a Llama-style model for a task ("{i}" = layer index); the head depends on the task."""
     return _LLAMA_MODULES + (("lm_head",) if task_type == "causal_lm" else ("score",))
@@ -341,7 +347,8 @@ def module_matches(target: str, names: tuple[str, ...], layers: int) -> bool:
         if len(want) > len(parts):
             continue
         tail = parts[len(parts) - len(want):]
-        if all(t == w or (t == "{i}" and w.isdecimal() and w.isascii() and int(w) < layers) for t, w in zip(tail, want)):
+        if all(t == w or (t == "{i}" and w.isdecimal() and w.isascii() and int(w) < layers)
+               for t, w in zip(tail, want)):
             return True
     return False
 
@@ -515,8 +522,6 @@ def slurm_problems(cfg: RunConfig) -> list[str]:
 def env_setup_shell_problems(lines: list[str], parses: Callable[[str], bool]) -> list[str]:
     """The bash part of the slurm.env_setup rule (launcher/slurm.py explains it): ``parses(text)`` is
     ``bash -n`` (the launcher passes launcher/execute.py's); nothing is executed."""
-    from launcher.slurm import SENTINEL, env_setup_probes
-
     p = []
     for i, line in enumerate(lines):
         alone, followed = env_setup_probes(line)

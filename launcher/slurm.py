@@ -78,8 +78,9 @@ def _ends_script(words: list[str]) -> Optional[str]:
     if words[0] == "exec":
         rest, i = words[1:], 0
         while i < len(rest):
-            if _REDIRECT.fullmatch(rest[i]) or (rest[i].isdigit() and i + 1 < len(rest) and _REDIRECT.fullmatch(rest[i + 1])):
-                i += 1 if rest[i].isdigit() else 2
+            fd = rest[i].isdigit() and i + 1 < len(rest) and _REDIRECT.fullmatch(rest[i + 1])
+            if fd or _REDIRECT.fullmatch(rest[i]):
+                i += 1 if fd else 2  # an fd number before its operator; an operator and its target
                 continue
             return "`exec COMMAND` replaces the batch shell with that command"
     return None

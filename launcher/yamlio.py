@@ -12,10 +12,11 @@ Scalars follow YAML 1.2's JSON-like rules, not PyYAML's YAML 1.1: ``true``/``fal
 booleans (``yes``, ``on`` are strings), integers are decimal (``1:00:00`` is a string, not 3600
 sexagesimal; ``010`` is 10, not octal 8), ``1e-4`` is a float, ``~``/``null``/empty are null, and
 there are no timestamps. The dumper quotes every string that YAML 1.1 or these rules would read as
-something else, so config.yaml loads back equal here and means the same to a plain ``yaml.safe_load``. Refused: a key given twice in one mapping (at any depth), keys that are not strings, tags
-other than the core ones (``!!python/object``, ``!!binary``, custom ``!x``), recursive aliases,
-alias expansions past :data:`MAX_NODES` values, and a raw U+0085/U+2028/U+2029 (YAML 1.1 reads them
-as line breaks, which silently changes the value).
+something else, so config.yaml loads back equal here and means the same to a plain
+``yaml.safe_load``. Refused: a key given twice in one mapping (at any depth), keys that are not
+strings, tags other than the core ones (``!!python/object``, ``!!binary``, custom ``!x``), recursive
+aliases, alias expansions past :data:`MAX_NODES` values, and a raw U+0085/U+2028/U+2029 (YAML 1.1
+reads them as line breaks, which silently changes the value).
 """
 from __future__ import annotations
 
@@ -305,7 +306,8 @@ def load_file(path: Union[str, os.PathLike]) -> tuple[Any, dict[str, tuple[str, 
                                "KB of YAML: is this the right file?"], name)
         raw = path.read_bytes()
     except OSError as e:
-        raise ConfigError([f"config file {name!r} cannot be read ({e.strerror}); check its permissions"], name) from None
+        raise ConfigError([f"config file {name!r} cannot be read ({e.strerror}); check its permissions"],
+                          name) from None
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:

@@ -22,7 +22,7 @@ import yaml
 from helpers import ROOT, TINY_LLAMA, arith_rows, env_for_ranks, tiny_config, write_jsonl
 from launcher import yamlio
 from launcher.__main__ import main
-from launcher.config import ConfigError, to_dict
+from launcher.config import to_dict
 from launcher.rules import load_config, module_matches, llama_module_names, resolved_path, same_value
 from launcher.strict import parse_slurm_minutes
 
@@ -99,7 +99,8 @@ def test_the_rendered_time_is_the_limit_slurm_reads_from_the_same_string(tmp_pat
     monkeypatch.chdir(tmp_path)
     train = write_jsonl(tmp_path / "train.jsonl", arith_rows(8))
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(tiny_config(tmp_path / "run", train, slurm={"gpus_per_node": 0, "signal_lead_s": 30})))
+    slurm = {"gpus_per_node": 0, "signal_lead_s": 30}
+    path.write_text(yaml.safe_dump(tiny_config(tmp_path / "run", train, slurm=slurm)))
 
     def limit(*argv) -> str:
         job = subprocess.run(["sbatch", "--parsable", "--hold", "-o", "/dev/null", *argv], env=slurm_cluster,
@@ -218,7 +219,8 @@ def test_overrides_with_odd_dots_or_hidden_conflicts_are_refused(base):
 
 
 @pytest.mark.parametrize("override,needle", [
-    ("zero.stage=true", "'zero.stage' = true (the zero.stage= override): a boolean (true/false) where one of 0, 1, 2, 3 is meant"),
+    ("zero.stage=true", "'zero.stage' = true (the zero.stage= override): a boolean (true/false) where one of "
+                        "0, 1, 2, 3 is meant"),
     ("zero.stage=2.0", "a decimal number where one of 0, 1, 2, 3 is meant"),
     ("train.micro_batch_size=true", "a boolean (true/false) where a whole number is meant"),
     ("train.micro_batch_size=8.0", "a decimal number where a whole number is meant (write 8)"),
@@ -394,7 +396,8 @@ def test_a_broken_model_folder_is_a_message(base, tmp_path):
 def test_impossible_model_shapes_are_refused_before_anything_divides_by_them(base):
     path, _ = base
     for override, needle in [
-        ("model.config.num_attention_heads=0", "'model.config.num_attention_heads' = 0 must be a positive whole number"),
+        ("model.config.num_attention_heads=0", "'model.config.num_attention_heads' = 0 must be a positive whole "
+                                               "number"),
         ("model.config.hidden_size=-32", "'model.config.hidden_size' = -32 must be a positive whole number"),
         ("model.config.num_hidden_layers=true", "= True must be a positive whole number"),
         ("model.config.hidden_size=30", "'model.config.hidden_size' = 30 is not divisible by num_attention_heads = 4"),
@@ -453,10 +456,12 @@ def test_the_llama_module_names_are_the_real_models(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kwargs = {k: v for k, v in TINY_LLAMA.items() if k != "model_type"}
-    for task, auto in (("causal_lm", AutoModelForCausalLM), ("sequence_classification", AutoModelForSequenceClassification)):
+    layers = range(TINY_LLAMA["num_hidden_layers"])
+    for task, auto in (("causal_lm", AutoModelForCausalLM),
+                       ("sequence_classification", AutoModelForSequenceClassification)):
         model = auto.from_config(AutoConfig.for_model("llama", num_labels=2, **kwargs))
         real = {n for n, _ in model.named_modules() if n}
-        ours = {n.replace("{i}", str(i)) for n in llama_module_names(task) for i in range(TINY_LLAMA["num_hidden_layers"])}
+        ours = {n.replace("{i}", str(i)) for n in llama_module_names(task) for i in layers}
         assert real == ours, (task, real ^ ours)
         names = llama_module_names(task)
         assert all(module_matches(n.split(".", 1)[-1] if "." in n else n, names, 2) for n in real)
@@ -518,7 +523,8 @@ def test_env_setup_lines_that_would_swallow_the_launch_lines_are_refused(base, t
             script = plan.files[plan.script]
         else:
             script = (tmp_path / f"r{i}" / "finetune.sh").read_text()
-        block = script.split("# ---- environment (slurm.env_setup) ----\n")[1].split("# ---- end of environment ----")[0]
+        block = script.split("# ---- environment (slurm.env_setup) ----\n")[1]
+        block = block.split("# ---- end of environment ----")[0]
         cwd = tmp_path / f"x{i}"
         cwd.mkdir()
         p = subprocess.run(["bash", "-c", block + "# ---- end of environment ----\ntouch launched\n"], cwd=cwd,
@@ -532,7 +538,11 @@ def test_env_setup_lines_that_would_swallow_the_launch_lines_are_refused(base, t
 
 TRAINER_SCRIPT = """
 import contextlib, io, json, sys
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 from trainer.main import main
+gpt2, tokenizer = sys.argv[2:4]  # a tiny GPT-2 folder: not Llama-style, so only the built model can be checked
+GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=512, n_positions=64)).save_pretrained(gpt2)
+AutoTokenizer.from_pretrained(tokenizer).save_pretrained(gpt2)
 results = {}
 for name, argv in json.loads(sys.argv[1]).items():
     err = io.StringIO()
@@ -546,12 +556,8 @@ print("RESULTS" + json.dumps(results))
 def test_the_trainer_refuses_the_same_inputs(tmp_path):
     """trainer/main.py (a world of one) on inputs the launcher refuses: exit 2 with the same message,
     nothing written. The LoRA case is a GPT-2 (not Llama-style), which only the built model can check."""
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
     train = write_jsonl(tmp_path / "train.jsonl", arith_rows(8))
-    gpt2 = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=512, n_positions=64)).save_pretrained(gpt2)
-    AutoTokenizer.from_pretrained(str(ROOT / "examples" / "tiny-tokenizer")).save_pretrained(gpt2)
+    gpt2 = tmp_path / "gpt2"  # written by the script
     (tmp_path / "a-file").write_text("x")
     cases = {
         "duplicate": ("c1", {}, "\ntrain:\n  lr: 0.5\n", [], "key 'train' is given twice"),
@@ -561,7 +567,8 @@ def test_the_trainer_refuses_the_same_inputs(tmp_path):
         "stage": ("c5", {}, "", ["zero.stage=true"], "a boolean (true/false) where one of 0, 1, 2, 3 is meant"),
         "gpt2-targets": ("c6", {"model": {"name_or_path": str(gpt2), "config": None, "tokenizer": None}, "method": {
             "name": "lora", "lora": {
-            "target_modules": ["c_attn", "q_proj"]}}}, "", [], "lists ['q_proj'], which match no module of GPT2LMHeadModel"),
+            "target_modules": ["c_attn", "q_proj"]}}}, "", [],
+            "lists ['q_proj'], which match no module of GPT2LMHeadModel"),
     }
     argvs = {}
     for name, (stem, sections, extra, over, _) in cases.items():
@@ -569,7 +576,8 @@ def test_the_trainer_refuses_the_same_inputs(tmp_path):
         p = tmp_path / f"{stem}.yaml"
         p.write_text(yaml.safe_dump(cfg) + extra)
         argvs[name] = ["--config", str(p), *over]
-    proc = subprocess.run([sys.executable, "-c", TRAINER_SCRIPT, json.dumps(argvs)], cwd=ROOT, env=env_for_ranks(),
+    proc = subprocess.run([sys.executable, "-c", TRAINER_SCRIPT, json.dumps(argvs), str(gpt2),
+                           str(ROOT / "examples" / "tiny-tokenizer")], cwd=ROOT, env=env_for_ranks(),
                           capture_output=True, text=True, timeout=600)
     assert "RESULTS" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(proc.stdout.split("RESULTS", 1)[1])
@@ -602,7 +610,8 @@ KEYS = sorted(set(_leaf_keys())) + [f"model.config.{k}" for k in (
     "rope_scaling.factor")]
 ODD_KEYS = ["train..lr", ".x", "train.", "train", "model.config", "run_dir", " seed", "a b", "ünï", "1", "x\u2028y"]
 ODD_CHARS = list("ab19 ./:-_$'\"`;\\#{}[],&|<>*?~!%=@") + [
-    "\n", "\t", "\r", "\x00", "\x07", "\x1b", "\x7f", "\x85", "\u2028", "\u2029", "\ufeff", "\u200b", "\udcff", "é", "٥"]
+    "\n", "\t", "\r", "\x00", "\x07", "\x1b", "\x7f", "\x85", "\u2028", "\u2029", "\ufeff", "\u200b", "\udcff", "é",
+    "٥"]
 SPECIAL = ["", " ", "yes", "on", "null", "~", "true", "1:00:00", "30:00", "1-02:03:04", "UNLIMITED", ".inf", "-.inf",
            ".nan", "1e400", "010", "0x10", "1_000", "2024-01-01", "8.0", "-1", "0", "1e-4", str(2**64),
            "!!python/object/apply:os.system [touch CANARY]", "!!binary aGk=", "*a", "&a x", "=", "<<", "[1, 2]", "[]",
@@ -648,7 +657,8 @@ edit = st.one_of(st.tuples(st.sampled_from(KEYS), values),  # anything anywhere:
        raw=st.one_of(st.just(0), st.sampled_from(range(len(RAW_EDITS)))), unicode_file=st.booleans(),
        overrides=st.one_of(st.just([]), st.lists(st.one_of(
            st.builds(lambda k, v: f"{k}={v}", st.sampled_from(KEYS + ODD_KEYS), texts),
-           st.builds(lambda k, v: f"{k}={json.dumps(v)}", st.sampled_from(FREE_TEXT), st.text(st.sampled_from(ODD_CHARS))),
+           st.builds(lambda k, v: f"{k}={json.dumps(v)}", st.sampled_from(FREE_TEXT),
+                     st.text(st.sampled_from(ODD_CHARS))),
            st.sampled_from(["train.lr", "=x", "seed=1"])), max_size=3)))
 def test_generated_configs_and_overrides_exit_0_or_2_and_round_trip(tmp_path_factory, edits, raw, unicode_file,
                                                                      overrides):
