@@ -158,7 +158,7 @@ def _read_safetensors_header(path: Path) -> dict[str, Any]:
             header = json.loads(f.read(size).decode("utf-8"))
     except OSError as e:
         raise _unreadable(path, f"{e.strerror}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise _unreadable(path, "its header is not JSON (truncated, or not a safetensors file)") from None
     ok = isinstance(header, dict) and all(
         name == "__metadata__" or (isinstance(t, dict) and isinstance(t.get("shape"), list)
@@ -177,7 +177,7 @@ def read_hf_config(path: Path) -> dict[str, Any]:
         raise ConfigError([f"{path.name} cannot be read ({e.strerror})"]) from None
     except UnicodeDecodeError:
         raise ConfigError([f"{path.name} is not UTF-8 text; save the model again (save_pretrained)"]) from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         raise ConfigError([f"{path.name} is not valid JSON ({e}); save the model again (save_pretrained)"]) from None
     if not isinstance(data, dict):
         raise ConfigError([f"{path.name} holds a JSON {type(data).__name__}, not an object; save the model again "

@@ -372,6 +372,7 @@ def test_a_broken_model_folder_is_a_message(base, tmp_path):
     llama = {**TINY_LLAMA}
     cases = {
         "broken-json": ("{broken", {}, "config.json is not valid JSON"),
+        "deep-json": ("[" * 100_000 + "]" * 100_000, {}, "config.json is not valid JSON"),
         "json-list": ("[1]", {}, "config.json holds a JSON list, not an object"),
         "heads-0": ({**llama, "num_attention_heads": 0}, {}, "'num_attention_heads' in"),
         "truncated": (llama, {"model.safetensors": good[:20]}, "model.safetensors is not a readable safetensors file: "
@@ -408,7 +409,7 @@ def test_impossible_model_shapes_are_refused_before_anything_divides_by_them(bas
         assert needle in refused(path, override, cmd="validate"), override
 
 
-@pytest.mark.parametrize("content", ["[1, 2]", "null", b"\x89PNG\x00\xff", "dir"])
+@pytest.mark.parametrize("content", ["[1, 2]", "null", b"\x89PNG\x00\xff", "dir", "[" * 100_000 + "]" * 100_000])
 def test_a_base_json_that_is_not_one_object_reaches_the_cli_as_exit_2(base, tmp_path, content):
     path, _ = base
     b = tmp_path / "base.json"
