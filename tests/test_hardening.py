@@ -698,3 +698,16 @@ def test_generated_configs_and_overrides_exit_0_or_2_and_round_trip(tmp_path_fac
             json.loads((out / "ds_config.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
         finally:
             os.chdir(cwd)
+
+
+def test_user_text_in_plots_is_text_not_tex(tmp_path):
+    """A run dir name or label with two `$` (``$(touch x) ... $HOME``) made matplotlib parse TeX and
+    crash at the end of training (seen on the real-Slurm hostile job); now it is drawn as written."""
+    from trainer.metrics import confusion_png
+    from trainer.monitor import plot_loss_curve
+
+    name = "run sp ace 'q\" $(touch CANARY) `touch CANARY`; touch CANARY; nl $HOME"
+    run_dir = tmp_path / name
+    write_jsonl(run_dir / "metrics.jsonl", [{"step": 1, "train/loss": 2.0}, {"step": 2, "train/loss": 1.0}])
+    assert plot_loss_curve(run_dir).stat().st_size > 0
+    assert confusion_png([[1, 0], [0, 1]], ["$a", "b $x` $"], tmp_path / "cm.png", name).stat().st_size > 0
