@@ -81,8 +81,10 @@ def _plan(args, cfg: RunConfig):
 
 def _script_problems(plan) -> list[str]:
     from launcher import execute
+    from launcher.rules import env_setup_shell_problems
 
-    return execute.bash_syntax_problems(plan.files[plan.script])
+    env = env_setup_shell_problems(plan.cfg.slurm.env_setup, lambda text: not execute.bash_syntax_problems(text))
+    return env or execute.bash_syntax_problems(plan.files[plan.script])
 
 
 def cmd_validate(args) -> int:
@@ -231,6 +233,9 @@ def cmd_run(args) -> int:
                           "the command line")
     cfg = _load(args)
     plan = _plan(args, cfg)
+    problems = _script_problems(plan)
+    if problems:
+        raise ConfigError(problems, args.config)
     port = args.master_port or (execute.free_port() if args.nnodes == 1 else 29500)
     deepspeed = Path(sys.executable).with_name("deepspeed")
     argv = deepspeed_argv(plan, str(deepspeed) if deepspeed.exists() else "deepspeed", port, args.nnodes,
@@ -292,6 +297,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return EXIT_USER_ERROR
     except LaunchError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # writing the run dir failed after the checks (a full disk, a race)
+        print(f"error: {e.strerror}: {e.filename}", file=sys.stderr)
         return 1
 
 

@@ -9,31 +9,32 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from launcher import yamlio
 from launcher.errors import ConfigError  # noqa: F401  (re-exported: the error every check raises)
+from launcher.strict import PathStr, SlurmMinutes, StrictSection
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+class _Section(StrictSection):
+    """Unknown keys are errors; every field is type-checked strictly (launcher/strict.py)."""
 
 
 class ModelConfig(_Section):
     # Local Hugging Face folder (from_pretrained) ...
-    name_or_path: Optional[str] = None
+    name_or_path: Optional[PathStr] = None
     # ... or a transformers config dict to build a from-scratch model (e.g. a tiny Llama).
     config: Optional[dict[str, Any]] = None
     # Tokenizer folder; defaults to name_or_path.
-    tokenizer: Optional[str] = None
+    tokenizer: Optional[PathStr] = None
     gradient_checkpointing: bool = False
     # Liger's fused linear cross-entropy (logits chunk by chunk, never all at once).
     liger: bool = False
 
 
 class DataConfig(_Section):
-    train: str
-    eval: Optional[str] = None
+    train: PathStr
+    eval: Optional[PathStr] = None
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     format: Literal["text", "prompt_response", "chat"] = "text"
     text_field: str = "text"
@@ -85,7 +86,7 @@ class ZeroConfig(_Section):
     overlap_comm: bool = False
     reduce_bucket_size: int = Field(500_000_000, gt=0)
     # A user DeepSpeed JSON merged under ours; contradicting an owned key is an error.
-    base_config: Optional[str] = None
+    base_config: Optional[PathStr] = None
 
 
 class DistConfig(_Section):
@@ -116,7 +117,8 @@ class SlurmConfig(_Section):
     account: Optional[str] = None
     qos: Optional[str] = None
     constraint: Optional[str] = None
-    time_min: int = Field(60, gt=0)
+    # Minutes, or a Slurm time string as for sbatch --time ("1-12:00:00", "90:00"; seconds round up).
+    time_min: SlurmMinutes = Field(60, gt=0)
     cpus_per_task: int = Field(8, gt=0)
     mem_gb: Optional[int] = Field(None, gt=0)
     # Memory of one GPU (GiB): when set, `validate` runs the memory planner and refuses a layout
@@ -127,12 +129,12 @@ class SlurmConfig(_Section):
     # Preemption: Slurm sends this signal signal_lead_s before the time limit; the job
     # checkpoints at the next optimizer step and requeues itself up to max_requeues times.
     signal: Literal["USR1", "USR2"] = "USR2"
-    signal_lead_s: int = Field(120, gt=0)
+    signal_lead_s: int = Field(120, gt=0, le=65535)  # sbatch --signal: 0..65535 s
     max_requeues: int = Field(3, ge=0)
     # Shell lines run before launch: module loads, venv/conda activation, NCCL variables.
     env_setup: list[str] = []
     # Python on the compute nodes; None = the interpreter running `python -m launcher`.
-    python: Optional[str] = None
+    python: Optional[PathStr] = None
 
 
 # --------------------------------------------------------------------------- method
@@ -253,8 +255,8 @@ class TaskConfig(_Section):
 
 
 class RunConfig(_Section):
-    run_dir: str
-    seed: int = 42
+    run_dir: PathStr
+    seed: int = Field(42, ge=0, lt=2**32)  # numpy's seed range
     model: ModelConfig
     data: DataConfig
     train: TrainConfig = TrainConfig()
@@ -288,4 +290,10 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
 
 
 def to_yaml(cfg: RunConfig) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """The resolved config as YAML that launcher/rules.py `load_config` reads back to the same config.
+    With train.global_batch_size set, grad_accum is derived (rules.validate) and left out, so that it
+    cannot go stale when the same file is loaded with another world size."""
+    data = to_dict(cfg)
+    if cfg.train.global_batch_size is not None:
+        del data["train"]["grad_accum"]
+    return yamlio.dump(data)

@@ -168,7 +168,7 @@ def read_base(path_str: str) -> dict[str, Any]:
         base = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise ConfigError([f"{key} is not UTF-8 text (a binary file?); point it at a DeepSpeed JSON file"]) from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested past Python's stack
         raise ConfigError([f"{key} is not valid JSON ({e})"]) from None
     except OSError as e:
         raise ConfigError([f"{key} cannot be read ({e.strerror}); check its permissions"]) from None

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from launcher.errors import ConfigError
+
 GIB = 2**30
 LLAMA_LIKE = ("llama", "mistral")
 BERT_LIKE = ("bert", "roberta", "xlm-roberta")
@@ -285,14 +287,18 @@ def lora_params(c: dict[str, Any], r: int, targets: Any, dora: bool = False) -> 
     """Adapter parameters of LoRA rank ``r`` on a Llama-style config: r x (in + out) per matrix."""
     if c.get("model_type") not in LLAMA_LIKE:
         return None
-    h, i, heads = int(c["hidden_size"]), int(c["intermediate_size"]), int(c["num_attention_heads"])
-    kv = int(c.get("num_key_value_heads") or heads)
-    hd = int(c.get("head_dim") or h // heads)
+    try:
+        h, i, heads = int(c["hidden_size"]), int(c["intermediate_size"]), int(c["num_attention_heads"])
+        kv = int(c.get("num_key_value_heads") or heads)
+        hd = int(c.get("head_dim") or h // heads)
+        layers = int(c["num_hidden_layers"])
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None  # a config leaning on transformers' defaults: not counted
     shapes = {"q_proj": (h, heads * hd), "k_proj": (h, kv * hd), "v_proj": (h, kv * hd),
               "o_proj": (heads * hd, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
     names = LLAMA_LINEARS if targets == "all-linear" else [t for t in targets if t in shapes]
     per_layer = sum(r * (shapes[m][0] + shapes[m][1]) + (shapes[m][1] if dora else 0) for m in names)
-    return int(c["num_hidden_layers"]) * per_layer
+    return layers * per_layer
 
 
 def params_from_hf_config(c: dict[str, Any]) -> Optional[int]:
@@ -319,27 +325,87 @@ def params_from_safetensors_header(header: dict[str, Any]) -> int:
     return sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
 
 
+HF_CONFIG = "config.json"  # a save_pretrained folder's model config
+SAFETENSORS_MAX_HEADER = 100 * 2**20  # the safetensors format's own limit on the header
+
+
+def _unreadable(path: Path, why: str) -> ConfigError:
+    return ConfigError([f"{path.name} is not a readable safetensors file: {why}; save the model again "
+                        "(save_pretrained) or remove the file"])
+
+
 def _read_safetensors_header(path: Path) -> dict[str, Any]:
-    with path.open("rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(size))
+    """The JSON header of a safetensors file (8-byte little-endian length, then JSON); ConfigError when
+    the file is truncated or is not safetensors."""
+    try:
+        size_on_disk = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise _unreadable(path, f"it has {len(head)} bytes, fewer than the 8-byte header length")
+            (size,) = struct.unpack("<Q", head)
+            if size > min(size_on_disk - 8, SAFETENSORS_MAX_HEADER):
+                raise _unreadable(path, f"its header says {size:,} bytes but only {size_on_disk - 8:,} follow "
+                                        "(truncated?)")
+            header = json.loads(f.read(size).decode("utf-8"))
+    except OSError as e:
+        raise _unreadable(path, f"{e.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise _unreadable(path, "its header is not JSON (truncated, or not a safetensors file)") from None
+    ok = isinstance(header, dict) and all(
+        name == "__metadata__" or (isinstance(t, dict) and isinstance(t.get("shape"), list)
+                                   and all(type(d) is int and d >= 0 for d in t["shape"]))
+        for name, t in header.items())
+    if not ok:
+        raise _unreadable(path, "its header does not list tensors with shapes")
+    return header
+
+
+def read_hf_config(path: Path) -> dict[str, Any]:
+    """A model folder's config.json: one JSON object; ConfigError otherwise."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError([f"{path.name} cannot be read ({e.strerror})"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path.name} is not UTF-8 text; save the model again (save_pretrained)"]) from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ConfigError([f"{path.name} is not valid JSON ({e}); save the model again (save_pretrained)"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path.name} holds a JSON {type(data).__name__}, not an object; save the model again "
+                           "(save_pretrained)"])
+    return data
+
+
+def read_model_folder(folder: Path) -> tuple[dict[str, Any], Optional[int]]:
+    """(config.json, parameter count from the safetensors headers or None) of a from_pretrained folder;
+    ConfigError when from_pretrained could not read it either."""
+    cfg_file = folder / HF_CONFIG
+    if not cfg_file.is_file():
+        raise ConfigError([f"the folder has no {HF_CONFIG}, which from_pretrained needs (save_pretrained writes "
+                           "it); point model.name_or_path at a saved model folder"])
+    hf = read_hf_config(cfg_file)
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        return hf, None
+    return hf, sum(params_from_safetensors_header(_read_safetensors_header(s)) for s in shards)
 
 
 def count_params(name_or_path: Optional[str], config: Optional[dict[str, Any]]
                  ) -> tuple[Optional[int], str, dict[str, Any]]:
-    """(parameter count or None, where it came from, the HF config dict or {}) for the model section."""
+    """(parameter count or None, where it came from, the HF config dict or {}) for the model section.
+    ConfigError for a folder whose config.json or safetensors headers cannot be read."""
     hf: dict[str, Any] = dict(config or {})
     if name_or_path is not None:
         folder = Path(name_or_path)
-        cfg_file = folder / "config.json"
-        if cfg_file.is_file():
-            hf = json.loads(cfg_file.read_text())
-        shards = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
-        if shards:
-            n = sum(params_from_safetensors_header(_read_safetensors_header(s)) for s in shards)
-            return n, f"safetensors headers in {folder}", hf
-        if not cfg_file.is_file():
+        if not (folder / HF_CONFIG).is_file():
             return None, f"{name_or_path!r} has no safetensors or config.json to count parameters from", hf
+        try:
+            hf, n = read_model_folder(folder)
+        except ConfigError as e:
+            raise ConfigError([f"'model.name_or_path' = {name_or_path!r}: {p}" for p in e.problems]) from None
+        if n is not None:
+            return n, f"safetensors headers in {folder}", hf
     n = params_from_hf_config(hf)
     where = f"{name_or_path}/config.json" if name_or_path is not None else "model.config"
     return n, (f"{where}, Llama-style formula" if n else f"{where}: architecture not counted"), hf

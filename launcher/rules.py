@@ -3,10 +3,12 @@
     load_config(path, overrides)  YAML + dotted key=value overrides -> a validated RunConfig, or one
                                   ConfigError that lists every problem (schema, cross-field, disk)
 
-The launcher (validate, render, submit, run, job-facts) and the trainer load through it. Rules:
-the schema (launcher/config.py, pydantic); cross-field rules of the model, data, train and ZeRO
-keys, the task, the method and the Slurm section; the batch arithmetic (launcher/batch.py); and
-disk rules (model/data paths exist, the run dir belongs to this run, a base DeepSpeed JSON agrees).
+The launcher (validate, render, submit, run, job-facts) and the trainer load through it. Rules: the
+YAML itself (launcher/yamlio.py: one key per mapping, YAML 1.2 scalars); the schema (launcher/config.py,
+with strict types by field type from launcher/strict.py); cross-field rules of the model, data, train
+and ZeRO keys, the task, the method and the Slurm section; the batch arithmetic (launcher/batch.py); and
+disk rules (paths exist and are the right kind, the run dir can be written and belongs to this run, the
+model folder can be read, a base DeepSpeed JSON agrees).
 Each message names the key as the user typed it, the value and the fix. Importable without torch.
 """
 from __future__ import annotations
@@ -14,61 +16,96 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union, get_args
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
-from launcher import rundir
+from launcher import rundir, yamlio
 from launcher.batch import batch_problems
 from launcher.config import BNB_OPTIMIZERS, PEFT_METHODS, PER_LABEL_METRICS, TASK_METRICS, RunConfig, flatten, to_dict
 from launcher.errors import ConfigError
+from launcher.memory import HF_CONFIG, LLAMA_LIKE, read_model_folder
+from launcher.slurm import SENTINEL, env_setup_probes, env_setup_problems
+from launcher.strict import PathText, path_text_ok
 
+# dotted key -> (the scalar as the user wrote it, its line in the YAML file; None = a key=value override)
+Origin = dict[str, tuple[str, Optional[int]]]
 
 # --------------------------------------------------------------------------- loading
 
 
 def read_yaml(path: Union[str, os.PathLike]) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError([f"config file {str(path)!r} does not exist; check the path"], str(path))
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError([f"{path} is not valid YAML: {e}"], str(path)) from None
-    return data
+    """A YAML file -> its data (launcher/yamlio.py's strict rules); ConfigError with every problem."""
+    data, _ = yamlio.load_file(path)
+    return {} if data is None else data
+
+
+# characters YAML reads as line breaks: in a key=value override they would be folded into spaces
+_OVERRIDE_BREAKS = "\n\r\x85\u2028\u2029"
 
 
 def parse_overrides(items: list[str]) -> tuple[dict[str, Any], list[str]]:
-    """``["train.lr=1e-3", ...]`` -> ({"train.lr": 0.001}, problems). Values are YAML."""
+    """``["train.lr=1e-3", ...]`` -> ({"train.lr": 0.001}, problems). Values are YAML (launcher/yamlio.py)."""
     out: dict[str, Any] = {}
+    raw_of: dict[str, str] = {}
     problems = []
     for item in items:
         key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             problems.append(f"override {item!r} is not key=value; write it like train.lr=1e-4")
             continue
+        if any(not part or part != part.strip() for part in key.split(".")):
+            problems.append(f"override {item!r}: the key {key!r} has an empty part (two dots, a dot at either end, "
+                            "or spaces); write it like train.lr=1e-4")
+            continue
+        if key in raw_of:
+            problems.append(f"override '{key}' is given twice ({key}={raw_of[key]!r} and {key}={raw!r}); keep one")
+            continue
+        raw_of[key] = raw
+        breaks = sorted({f"U+{ord(c):04X}" for c in raw if c in _OVERRIDE_BREAKS})
+        if breaks:
+            problems.append(f"override {item!r}: the value holds a line break ({', '.join(breaks)}), which YAML would "
+                            f"fold into a space; write it as an escape in a double-quoted YAML string, e.g. "
+                            f"{key}=\"a\\nb\"")
+            continue
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        out[key.strip()] = value
+            out[key] = yamlio.load_value(raw)
+        except ConfigError as e:
+            problems += [f"override {item!r}: {p}" for p in e.problems]
+    for key in out:
+        below = [k for k in out if k.startswith(key + ".")]
+        if below:
+            problems.append(f"overrides set both '{key}' and '{below[0]}' (inside it); the order would decide which "
+                            "wins: give one")
     return out, problems
 
 
-def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Set dotted keys in a nested dict (copying). Unknown keys are caught by validation."""
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any], problems: Optional[list[str]] = None
+                    ) -> dict[str, Any]:
+    """Set dotted keys in a nested dict (copying). Unknown keys are caught by validation; a key below a
+    value that is not a section (``train.lr=1`` when the YAML says ``train: 5``) is a problem."""
     import copy
 
+    found: list[str] = []
     data = copy.deepcopy(data)
     for dotted, value in overrides.items():
         node = data
         parts = dotted.split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
+        for i, part in enumerate(parts[:-1]):
+            if node.get(part) is None:
                 node[part] = {}
+            elif not isinstance(node[part], dict):
+                above = ".".join(parts[:i + 1])
+                found.append(f"override {dotted}=...: '{above}' is {node[part]!r} in the config, not a section, so it "
+                             f"has no key '{parts[i + 1]}'; fix '{above}' in the YAML file or set {above}=...")
+                break
             node = node[part]
-        node[parts[-1]] = value
+        else:
+            node[parts[-1]] = value
+    if problems is None and found:
+        raise ConfigError(found)
+    (problems if problems is not None else []).extend(found)
     return data
 
 
@@ -78,40 +115,83 @@ def load_config(path: Union[str, os.PathLike], overrides: Optional[list[str]] = 
     problem. ``disk``: also check paths and the run dir (see :func:`disk_problems`); relative paths
     resolve against the current directory, as the user typed them. ``allow_done``: a finished run
     dir is fine (render, job-facts: the batch script exits 0 there itself)."""
-    data = read_yaml(path)
+    data, origin = yamlio.load_file(path)
+    data = {} if data is None else data
     parsed, problems = parse_overrides(list(overrides or []))
-    data = apply_overrides(data, parsed) if isinstance(data, dict) else data
+    if isinstance(data, dict):
+        data = apply_overrides(data, parsed, problems)
+        for key in parsed:  # the value as written is now the override's
+            origin = {k: v for k, v in origin.items() if k != key and not k.startswith(key + ".")}
+        origin.update({k: (raw, None) for k, raw in _override_text(overrides or []).items()})
     if run_dir is not None and isinstance(data, dict):
+        if "run_dir" in parsed:
+            problems.append(f"run_dir is given twice: --out {run_dir!r} and the override "
+                            f"run_dir={parsed['run_dir']!r}; keep one")
         data["run_dir"] = run_dir  # set directly: a path is not YAML to be parsed
+        origin.pop("run_dir", None)
     cfg = None
+    path = yamlio.shown_path(path)  # loaded, so it is printable
     try:
-        cfg = validate(data, source=str(path))
+        cfg = validate(data, source=str(path), origin=origin)
     except ConfigError as e:
         problems += e.problems
     if disk and isinstance(data, dict):
         problems += path_problems(data)  # from the raw dict: reported even when the schema has problems
         if cfg is not None:
-            problems += run_dir_problems(cfg, allow_done) + ds_config_problems(cfg)
+            problems += disk_problems(cfg, allow_done, paths=False)
     if problems:
         raise ConfigError(problems, str(path))
     return cfg
 
 
+def _override_text(items: list[str]) -> dict[str, str]:
+    return {k.strip(): raw for k, sep, raw in (i.partition("=") for i in items) if sep}
+
+
 # --------------------------------------------------------------------------- schema
 
 
-def validate(data: Any, source: str = "config") -> RunConfig:
-    """dict -> RunConfig, or ConfigError listing every problem."""
+def validate(data: Any, source: str = "config", origin: Optional[Origin] = None) -> RunConfig:
+    """dict -> RunConfig, or ConfigError listing every problem. ``origin``: where scalars were written
+    (see :data:`Origin`), so that a wrong type is shown as the user wrote it."""
     if not isinstance(data, dict):
-        raise ConfigError([f"the top level must be a mapping of sections, got {type(data).__name__}"], source)
+        raise ConfigError([f"the top level must be a mapping of sections (run_dir:, model:, data:, ...), got "
+                           f"{_kind(data)}"], source)
     try:
         cfg = RunConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError([_describe_pydantic_error(err) for err in e.errors()], source) from None
+        raise ConfigError([_describe_pydantic_error(err, origin or {}) for err in e.errors()], source) from None
     problems = cross_field_problems(cfg)
     if problems:
         raise ConfigError(problems, source)
+    t = cfg.train
+    if t.global_batch_size is not None:  # the invariant: accumulation is derived (and written nowhere)
+        t.grad_accum = t.global_batch_size // (t.micro_batch_size * cfg.world_size)
     return cfg
+
+
+def _kind(value: Any) -> str:
+    return {list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean"}.get(
+        type(value), type(value).__name__)
+
+
+def path_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
+    """Dotted keys of every path field (typed PathStr in launcher/config.py)."""
+    keys = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if _has_meta(ann, PathText) or any(isinstance(m, PathText) for m in field.metadata):
+            keys.append(prefix + name)
+        for cand in getattr(ann, "__args__", ()) or (ann,):
+            if isinstance(cand, type) and issubclass(cand, BaseModel):
+                keys += path_keys(cand, f"{prefix}{name}.")
+    return keys
+
+
+def _has_meta(ann: Any, kind: type) -> bool:
+    if any(isinstance(m, kind) for m in getattr(ann, "__metadata__", ())):
+        return True
+    return any(_has_meta(a, kind) for a in get_args(ann))
 
 
 def _section_model(loc: tuple) -> type[BaseModel]:
@@ -130,11 +210,22 @@ def _section_model(loc: tuple) -> type[BaseModel]:
     return model
 
 
-def _describe_pydantic_error(err: dict[str, Any]) -> str:
+def _as_written(key: str, value: Any, origin: Origin) -> str:
+    raw, line = origin.get(key, (None, None))
+    if not raw or not raw.isprintable():
+        shown = repr(value)
+        return shown if len(shown) <= 80 else shown[:60] + " ... " + shown[-15:]
+    return f"{raw} (line {line})" if line else f"{raw} (the {key}= override)"
+
+
+def _describe_pydantic_error(err: dict[str, Any], origin: Optional[Origin] = None) -> str:
     loc = tuple(err["loc"])
     key = ".".join(str(p) for p in loc)
     kind = err["type"]
     value = err.get("input")
+    if kind == "strict_type":
+        shown = _as_written(key, value, origin or {})
+        return f"'{key}' = {shown}: {err['msg']}; fix it in the YAML file or with {key}=..."
     if kind == "extra_forbidden":
         parent = _section_model(loc[:-1])
         valid = sorted(parent.model_fields)
@@ -159,6 +250,12 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
     if cfg.model.name_or_path is None and cfg.model.config is None:
         p.append("model: neither 'model.name_or_path' nor 'model.config' is set; give a local "
                  "Hugging Face folder or a config dict for a from-scratch model")
+    if cfg.model.name_or_path is not None and cfg.model.config is not None:
+        p.append("both 'model.name_or_path' and 'model.config' are set; the folder would be loaded and the config "
+                 "dict silently ignored: keep one")
+    if cfg.model.config is not None:
+        shape = hf_config_problems(cfg.model.config, "model.config")
+        p += shape or lora_target_problems(cfg, cfg.model.config, "model.config")
     if cfg.model.name_or_path is None and cfg.model.tokenizer is None:
         p.append("'model.tokenizer' is not set and there is no 'model.name_or_path' to take it "
                  "from; point model.tokenizer at a tokenizer folder")
@@ -180,9 +277,102 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
     p += task_problems(cfg)
     p += method_problems(cfg)
     p += slurm_problems(cfg)
-    p += batch_problems(cfg.train.micro_batch_size, cfg.train.grad_accum,
-                        cfg.train.global_batch_size, cfg.world_size)
+    t = cfg.train
+    batch = batch_problems(t.micro_batch_size, t.grad_accum, t.global_batch_size, cfg.world_size)
+    p += batch
+    if t.global_batch_size is not None and "grad_accum" in t.model_fields_set and not batch:
+        derived = t.global_batch_size // (t.micro_batch_size * cfg.world_size)
+        if t.grad_accum != derived:
+            p.append(f"'train.grad_accum' = {t.grad_accum} contradicts 'train.global_batch_size' = "
+                     f"{t.global_batch_size}: with micro_batch_size {t.micro_batch_size} x world {cfg.world_size} the "
+                     f"accumulation is {derived}; remove train.grad_accum (it is derived from the global batch) or "
+                     f"set it to {derived}")
     return p
+
+
+# Integer sizes of Hugging Face model configs: when given, each is a positive whole number.
+HF_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "max_position_embeddings", "n_embd", "n_layer", "n_head",
+            "n_positions", "n_inner", "d_model", "num_layers", "num_heads", "d_ff", "d_kv")
+
+
+def hf_config_problems(c: dict[str, Any], where: str) -> list[str]:
+    """Shapes a Hugging Face config cannot build (or our parameter count would divide by). ``where`` is
+    "model.config" or the folder's config.json path, as the user knows it."""
+    def k(key: str) -> str:
+        return f"'{where}.{key}'" if where == "model.config" else f"'{key}' in {where}"
+
+    p = []
+    model_type = c.get("model_type")
+    if not isinstance(model_type, str) or not model_type.strip():
+        p.append(f"{k('model_type')} = {model_type!r}: a model config needs a model_type (e.g. llama) to pick the "
+                 "architecture; see examples/tiny-sft.yaml")
+    for key in HF_SIZES:
+        value = c.get(key)
+        if value is not None and (type(value) is not int or value <= 0):
+            p.append(f"{k(key)} = {value!r} must be a positive whole number")
+    if p:
+        return p
+    h, heads, kv = c.get("hidden_size"), c.get("num_attention_heads"), c.get("num_key_value_heads")
+    if h and heads and c.get("head_dim") is None and h % heads:
+        p.append(f"{k('hidden_size')} = {h} is not divisible by num_attention_heads = {heads} (each head gets "
+                 "hidden_size / num_attention_heads dimensions); change one of them, or set head_dim")
+    if heads and kv and heads % kv:
+        p.append(f"{k('num_attention_heads')} = {heads} is not a multiple of num_key_value_heads = {kv} "
+                 "(grouped-query attention shares each key/value head among a whole number of query heads)")
+    if c.get("n_embd") and c.get("n_head") and c["n_embd"] % c["n_head"]:
+        p.append(f"{k('n_embd')} = {c['n_embd']} is not divisible by n_head = {c['n_head']}")
+    return p
+
+
+# Module names of a Llama-style model (transformers' LlamaFor*/MistralFor*), "{i}" = a layer index.
+_LLAMA_MODULES = ("model", "model.embed_tokens", "model.layers", "model.layers.{i}", "model.layers.{i}.self_attn",
+                  *(f"model.layers.{{i}}.self_attn.{m}" for m in ("q_proj", "k_proj", "v_proj", "o_proj")),
+                  "model.layers.{i}.mlp",
+                  *(f"model.layers.{{i}}.mlp.{m}" for m in ("gate_proj", "up_proj", "down_proj")),
+                  "model.layers.{i}.mlp.act_fn", "model.layers.{i}.input_layernorm",
+                  "model.layers.{i}.post_attention_layernorm", "model.norm", "model.rotary_emb")
+
+
+def llama_module_names(task_type: str) -> tuple[str, ...]:
+    """Module names of a Llama-style model for a task ("{i}" = layer index); the head depends on the task."""
+    return _LLAMA_MODULES + (("lm_head",) if task_type == "causal_lm" else ("score",))
+
+
+def module_matches(target: str, names: tuple[str, ...], layers: int) -> bool:
+    """peft's rule for a listed target: it equals a module's name or a dotted suffix of it."""
+    want = target.split(".")
+    for name in names:
+        parts = name.split(".")
+        if len(want) > len(parts):
+            continue
+        tail = parts[len(parts) - len(want):]
+        if all(t == w or (t == "{i}" and w.isdecimal() and w.isascii() and int(w) < layers)
+               for t, w in zip(tail, want)):
+            return True
+    return False
+
+
+def lora_target_problems(cfg: RunConfig, hf: dict[str, Any], where: str) -> list[str]:
+    """LoRA target modules that match no module of a known (Llama-style) architecture: peft would wrap
+    fewer layers than listed, or none. Other architectures are checked by the trainer once built."""
+    m = cfg.method
+    targets = m.lora.target_modules
+    if m.name not in ("lora", "qlora", "adalora") or targets == "all-linear":
+        return []
+    if not targets:
+        return ["'method.lora.target_modules' = [] names no module, so nothing would train; list module names "
+                "(e.g. [q_proj, v_proj]) or use all-linear"]
+    if hf.get("model_type") not in LLAMA_LIKE:
+        return []
+    names = llama_module_names(cfg.task.type)
+    bad = [t for t in targets if not module_matches(t, names, int(hf.get("num_hidden_layers") or 32))]
+    if not bad:
+        return []
+    linears = ", ".join(n.rsplit(".", 1)[1] for n in names if n.endswith("_proj"))
+    return [f"'method.lora.target_modules' lists {bad}, which match no module of this {hf['model_type']} model "
+            f"({where}); its linear layers are {linears} (a name, or a dotted suffix of one such as "
+            "self_attn.q_proj); fix the names or use all-linear"]
 
 
 def task_problems(cfg: RunConfig) -> list[str]:
@@ -315,12 +505,37 @@ def slurm_problems(cfg: RunConfig) -> list[str]:
     if s.gpu_mem_gb is not None and s.gpus_per_node == 0:
         p.append(f"'slurm.gpu_mem_gb' = {s.gpu_mem_gb:g} but 'slurm.gpus_per_node' = 0 (CPU-only nodes): there is no "
                  "GPU memory to plan; remove slurm.gpu_mem_gb, or request GPUs")
+    if s.gpus_per_node == 0:
+        if cfg.precision.dtype == "fp16":
+            p.append("'precision.dtype' = 'fp16' cannot run on CPU-only nodes (slurm.gpus_per_node = 0): DeepSpeed "
+                     "has no fp16 on a CPU; use precision.dtype=bf16 or fp32, or request GPUs")
+        if cfg.method.name == "qlora":
+            p.append("'method.name' = 'qlora' cannot run on CPU-only nodes (slurm.gpus_per_node = 0): its 4-bit "
+                     "weights need CUDA kernels; use method.name=lora, or request GPUs")
+    p += env_setup_problems(s.env_setup)
     if not s.job_name.strip():
         p.append("'slurm.job_name' is empty; give the job a name (e.g. slurm.job_name=finetune)")
     for key in ("partition", "account", "qos", "constraint", "python"):
         value = getattr(s, key)
         if value is not None and not value.strip():
             p.append(f"'slurm.{key}' = {value!r} is empty; remove the key to use the default")
+    return p
+
+
+def env_setup_shell_problems(lines: list[str], parses: Callable[[str], bool]) -> list[str]:
+    """The bash part of the slurm.env_setup rule (launcher/slurm.py explains it): ``parses(text)`` is
+    ``bash -n`` (the launcher passes launcher/execute.py's); nothing is executed."""
+    p = []
+    for i, line in enumerate(lines):
+        alone, followed = env_setup_probes(line)
+        key = f"'slurm.env_setup[{i}]' = {line!r}"
+        if not parses(alone):
+            p.append(f"{key} is not a complete shell command on its own (bash -n refuses it: an unclosed quote, "
+                     "bracket or if/for?); put each whole command on one entry")
+        elif parses(followed):
+            p.append(f"{key} swallows the line after it (a here-document, a trailing backslash or an open string: "
+                     f"a lone {SENTINEL!r} after it still parses), so the launch lines would never run; write "
+                     "it as one complete command (e.g. export VAR=value) or move it into a script you source")
     return p
 
 
@@ -335,23 +550,90 @@ def _get(data: Any, dotted: str) -> Any:
     return data
 
 
+def _is_save_to_disk(folder: Path) -> bool:
+    """A folder written by datasets' save_to_disk (a Dataset, or a DatasetDict)."""
+    return ((folder / "dataset_info.json").is_file() and (folder / "state.json").is_file()) or \
+        (folder / "dataset_dict.json").is_file()
+
+
 def path_problems(data: dict[str, Any]) -> list[str]:
-    """Missing model/tokenizer folders and data files, read from the raw (overridden) config dict,
-    so they are reported even when the schema has problems of its own."""
+    """Missing or wrong-kind model/tokenizer folders and data files, read from the raw (overridden) config
+    dict, so they are reported even when the schema has problems of its own."""
     p = []
     folders = [("model.name_or_path", "a local Hugging Face folder (save_pretrained)"),
                ("model.tokenizer", "a local folder with tokenizer files")]
     for key, what in folders:
         value = _get(data, key)
-        if isinstance(value, str) and not Path(value).is_dir():
-            p.append(f"'{key}' = {value!r} does not exist (or is not a folder); it must be {what} "
-                     "reachable from the compute nodes")
+        if isinstance(value, str) and path_text_ok(value) and not Path(value).is_dir():
+            p.append(f"'{key}' = {value!r} " + ("is a file" if Path(value).exists() else "does not exist") +
+                     f"; it must be {what} reachable from the compute nodes")
     for key in ("data.train", "data.eval", "zero.base_config"):
         value = _get(data, key)
-        if isinstance(value, str) and not Path(value).exists():
+        if not (isinstance(value, str) and path_text_ok(value)):
+            continue
+        if not Path(value).exists():
             p.append(f"'{key}' = {value!r} does not exist; fix the path (relative paths are relative to "
                      "the directory you launch from)")
+        elif key.startswith("data.") and Path(value).is_dir() and not _is_save_to_disk(Path(value)):
+            p.append(f"'{key}' = {value!r} is a folder, but not one written by datasets' save_to_disk (it has no "
+                     "dataset_info.json + state.json, or dataset_dict.json); point it at a data file (.jsonl, "
+                     ".json, .csv, .parquet) or a save_to_disk folder")
     return p
+
+
+def resolved_path(path: Union[str, os.PathLike]) -> Path:
+    """A path as the filesystem means it: absolute, with '.', '..' and symlinks resolved (relative paths
+    against the current directory, i.e. where the user launches). ``./x/`` and ``/abs/x`` compare equal."""
+    return Path(os.path.realpath(path))
+
+
+def same_value(key: str, a: Any, b: Any) -> bool:
+    """Two values of one config key mean the same thing (path keys: the same resolved path)."""
+    if a == b:
+        return True
+    return key in _PATH_KEYS and isinstance(a, str) and isinstance(b, str) and resolved_path(a) == resolved_path(b)
+
+
+_PATH_KEYS = frozenset(path_keys())
+
+
+def run_dir_path_problems(cfg: RunConfig) -> list[str]:
+    """The run dir is a folder we can create or write; a folder that is not a run dir (no config.yaml)
+    but holds files named like ours (``render --out slurm``: slurm/finetune.sh) is refused, so a render
+    never overwrites a file that is not a run dir's own."""
+    key = f"'run_dir' = {cfg.run_dir!r}"
+    path = Path(cfg.run_dir).absolute()
+    try:
+        existing = next(p for p in (path, *path.parents) if p.exists())
+    except OSError as e:
+        return [f"{key} cannot be checked ({e.strerror}: {e.filename}); choose a run_dir you can read and write"]
+    if existing == path and not path.is_dir():
+        return [f"{key} is a file; a run dir is a folder: choose another run_dir"]
+    if existing != path and not existing.is_dir():
+        return [f"{key} cannot be created: {str(existing)!r} is a file; choose another run_dir"]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [f"{key} is not writable: you cannot write in {str(existing)!r}; choose a run_dir you can write "
+                "(reachable from the compute nodes)"]
+    layout = rundir.RunDir(path)
+    ours = [f.name for f in (layout.ds_config, layout.script, layout.hostfile, layout.world) if f.exists()]
+    if ours and not layout.config.is_file():
+        return [f"{key} is not a run dir (it has no {rundir.CONFIG}) but holds {', '.join(ours)}, which would be "
+                "overwritten; choose a new (or empty) run_dir"]
+    return []
+
+
+def model_folder_problems(cfg: RunConfig) -> list[str]:
+    """The model folder's config.json and safetensors headers (what launcher/memory.py and from_pretrained
+    read): readable, a buildable shape, and LoRA targets that exist in it."""
+    folder = cfg.model.name_or_path
+    if folder is None or not Path(folder).is_dir():
+        return []  # none, or path_problems says so
+    try:
+        hf, _ = read_model_folder(Path(folder))
+    except ConfigError as e:
+        return [f"'model.name_or_path' = {folder!r}: {p}" for p in e.problems]
+    where = str(Path(folder) / HF_CONFIG)
+    return hf_config_problems(hf, where) or lora_target_problems(cfg, hf, where)
 
 
 def run_dir_problems(cfg: RunConfig, allow_done: bool = False) -> list[str]:
@@ -372,7 +654,8 @@ def run_dir_problems(cfg: RunConfig, allow_done: bool = False) -> list[str]:
             old = flatten(raw)
         new = flatten(to_dict(cfg))
         # slurm.* says where and how long a job runs, not what it trains: a resubmission may change it
-        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not k.startswith("slurm."))
+        diff = sorted(k for k in old.keys() | new.keys()
+                      if not same_value(k, old.get(k), new.get(k)) and not k.startswith("slurm."))
         if diff:
             p.append(f"run_dir {cfg.run_dir!r} holds a different run's config (differs in: {', '.join(diff)}); "
                      f"choose a new run_dir, or use the config saved there ({saved}) to resume that run")
@@ -395,7 +678,10 @@ def ds_config_problems(cfg: RunConfig) -> list[str]:
     return []
 
 
-def disk_problems(cfg: RunConfig, allow_done: bool = False) -> list[str]:
+def disk_problems(cfg: RunConfig, allow_done: bool = False, paths: bool = True) -> list[str]:
     """The disk rules of :func:`load_config` for an already validated config (the trainer runs them
-    at start, before anything is written)."""
-    return path_problems(to_dict(cfg)) + run_dir_problems(cfg, allow_done) + ds_config_problems(cfg)
+    at start, before anything is written). ``paths``: include :func:`path_problems`."""
+    run_dir = run_dir_path_problems(cfg)
+    return ((path_problems(to_dict(cfg)) if paths else []) + run_dir +
+            (run_dir_problems(cfg, allow_done) if not run_dir else []) + ds_config_problems(cfg) +
+            model_folder_problems(cfg))

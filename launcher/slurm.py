@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -28,8 +29,91 @@ def q(value: object) -> str:
 
 
 def comment(text: str) -> str:
-    """Text for one comment line: a newline in a hostile path must not end the comment."""
-    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+    """Text for one comment line, in a shell script or YAML: every character that is not printable (a
+    newline, U+2028, U+0085, a control character: YAML reads some as line breaks and refuses others)
+    becomes a backslash escape, so the comment stays one line and the file still parses."""
+    return "".join(c if c.isprintable() and c != "\\" else
+                   "\\\\" if c == "\\" else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+# --------------------------------------------------------------------------- slurm.env_setup
+#
+# The rule: each entry is one line of complete shell commands that hands control back to the script,
+# so the launch lines after slurm.env_setup run. Refused: a line break or control character in an entry
+# (give each command its own entry); an entry that is not complete on its own (an unclosed quote, `if`
+# without `fi`: `bash -n` of the entry alone fails); an entry that swallows the next line (a here-document
+# `<<EOF`, a trailing backslash: a lone `}` after it is no longer a syntax error, see
+# :func:`env_setup_probes`); and an unconditional `exit` or `exec COMMAND` (`cmd || exit 1` and
+# `exec >log 2>&1` are fine).
+
+_REDIRECT = re.compile(r"[0-9]*(?:<|>|<<<|>>|&>|&>>|>&|<&|<>|>\|)")
+
+
+def _words_at_command_start(line: str) -> list[list[str]]:
+    """The words of each command that runs unconditionally (not after ||, &&, |, or inside if/while)."""
+    lex = shlex.shlex(line, posix=True, punctuation_chars=";&|(){}<>!")
+    lex.whitespace_split = True
+    lex.commenters = "#"
+    tokens = list(lex)
+    commands, current, start = [], [], True
+    for tok in tokens:
+        if tok in (";", "&", ";;", "&&", "||", "|", "(", ")", "{", "}"):
+            if current and start:
+                commands.append(current)
+            current, start = [], tok in (";", "&", "{")
+            continue
+        current.append(tok)
+    if current and start:
+        commands.append(current)
+    return commands
+
+
+def _ends_script(words: list[str]) -> Optional[str]:
+    while words and words[0] == "!":
+        words = words[1:]
+    if not words:
+        return None
+    if words[0] == "exit":
+        return "`exit` ends the batch script"
+    if words[0] == "exec":
+        rest, i = words[1:], 0
+        while i < len(rest):
+            fd = rest[i].isdigit() and i + 1 < len(rest) and _REDIRECT.fullmatch(rest[i + 1])
+            if fd or _REDIRECT.fullmatch(rest[i]):
+                i += 1 if fd else 2  # an fd number before its operator; an operator and its target
+                continue
+            return "`exec COMMAND` replaces the batch shell with that command"
+    return None
+
+
+def env_setup_problems(lines: list[str]) -> list[str]:
+    """The static part of the env_setup rule (the bash part: :func:`env_setup_probes`). Pure."""
+    p = []
+    for i, line in enumerate(lines):
+        key = f"'slurm.env_setup[{i}]' = {line!r}"
+        bad = next((c for c in line if c != "\t" and unicodedata.category(c) in ("Cc", "Zl", "Zp")), None)
+        if bad is not None:
+            p.append(f"{key} holds U+{ord(bad):04X} (a line break or control character); give each command its own "
+                     "list entry")
+            continue
+        try:
+            why = next(filter(None, map(_ends_script, _words_at_command_start(line))), None)
+        except ValueError:  # shlex: an unclosed quote; bash -n reports it
+            continue
+        if why:
+            p.append(f"{key}: {why}, so the launch lines after slurm.env_setup would never run; remove it "
+                     "(a guard such as `module load cuda || exit 1` is fine)")
+    return p
+
+
+SENTINEL = "}"  # a syntax error where a command is read; fine inside a here-document, a string or as an argument
+
+
+def env_setup_probes(line: str) -> tuple[str, str]:
+    """Two texts for `bash -n`: the entry alone must parse, and the entry followed by a lone ``}`` must
+    NOT parse. If it does, the entry swallowed the line after it (a here-document, a trailing backslash,
+    an open string), as it would swallow the launch lines of the batch script."""
+    return f"{line}\n", f"{line}\n{SENTINEL}\n"
 
 
 def directive_safe(value: str) -> bool:

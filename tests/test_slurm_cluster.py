@@ -41,9 +41,12 @@ pytestmark = pytest.mark.slurm
 # injection that runs in another directory is still seen.
 EVIL = "sp ace 'q\" $(touch ~/CANARY) `touch ~/CANARY`; touch ~/CANARY;\nnl $HOME"
 CANARY = Path.home() / "CANARY"
+# Paths refuse control characters (launcher/strict.py, PathStr): the run dir and the data path keep every
+# other hostile character; the job name and the config file's name keep the newline too.
+EVIL_PATH = EVIL.replace("\n", " ")
 # HF datasets expands $NAME in data paths (os.path.expandvars in datasets.utils.file_utils), so the
 # data file's name keeps every hostile character except a $NAME (reported to the trainer's owner).
-EVIL_DATA = EVIL.replace("$HOME", "$(ls)")
+EVIL_DATA = EVIL_PATH.replace("$HOME", "$(ls)")
 FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 FIGURES: dict[str, float] = {}
 
@@ -112,9 +115,9 @@ def jobs(slurm_cluster, tmp_path_factory):
                      logging={"every_steps": 10, "progress_bar": False, "peak_tflops": 1.0})
     j, t_submit = {}, time.monotonic()
 
-    evil = tmp / f"h {EVIL}"
+    evil = tmp / f"h {EVIL_PATH}"
     evil_train = write_jsonl(tmp / f"d {EVIL_DATA}" / f"train {EVIL_DATA}.jsonl", rows)
-    j["hostile"] = {"cwd": evil, "run_dir": evil / f"run {EVIL}", "job_name": f"job {EVIL}"}
+    j["hostile"] = {"cwd": evil, "run_dir": evil / f"run {EVIL_PATH}", "job_name": f"job {EVIL}"}
     cfg = tiny_config(j["hostile"]["run_dir"], evil_train, slurm={**cpu2, "job_name": j["hostile"]["job_name"]},
                       **two_nodes)
     j["hostile"]["id"] = submit_cli(write_config(evil / f"cfg {EVIL}.yaml", cfg), evil, env)

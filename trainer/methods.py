@@ -60,6 +60,28 @@ def check_method_device(cfg: RunConfig, is_cuda: bool) -> None:
                            "CPU, or run on GPU nodes"])
 
 
+def check_module_names(model, cfg: RunConfig) -> None:
+    """Every listed LoRA target and modules_to_save entry names a module of the built model (peft's rule:
+    the name, or a dotted suffix of it); peft would skip the others silently. launcher/rules.py checks
+    Llama-style configs before launch; this covers every architecture."""
+    names = [n for n, _ in model.named_modules() if n]
+
+    def missing(wanted) -> list[str]:
+        return [t for t in wanted if not any(n == t or n.endswith("." + t) for n in names)]
+
+    m, problems = cfg.method, []
+    leaves = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in names if not n.rsplit(".", 1)[-1].isdigit()}))
+    targets = m.lora.target_modules
+    if m.name in ("lora", "qlora", "adalora") and targets != "all-linear" and missing(targets):
+        problems.append(f"'method.lora.target_modules' lists {missing(targets)}, which match no module of "
+                        f"{type(model).__name__}; its modules are {leaves}; fix the names or use all-linear")
+    if missing(m.modules_to_save):
+        problems.append(f"'method.modules_to_save' lists {missing(m.modules_to_save)}, which match no module of "
+                        f"{type(model).__name__}; its modules are {leaves}")
+    if problems:
+        raise ConfigError(problems)
+
+
 def load_kwargs(cfg: RunConfig, device: str) -> dict[str, Any]:
     """Extra from_pretrained arguments of a method: QLoRA's 4-bit NF4 quantization."""
     if cfg.method.name != "qlora":
@@ -145,6 +167,7 @@ def apply_peft(model, cfg: RunConfig, total_steps: int, stage: int):
         raise ConfigError([f"method.name=prompt cannot work with {type(model).__name__}: a decoder's sequence "
                            "classifier reads the last non-padding token, which it cannot find once prompt "
                            "tuning feeds input embeddings instead of token ids; use method.name=prefix or lora"])
+    check_module_names(model, cfg)
     if m.name == "qlora":
         model = peft.prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.model.gradient_checkpointing,

@@ -90,11 +90,11 @@ def confusion_png(matrix: list[list[int]], labels: Sequence[str], path: Path, ti
     size = min(16.0, 2.5 + 0.6 * n)
     fig, ax = plt.subplots(figsize=(size, size * 0.85))
     im = ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(n), labels=list(labels), rotation=45, ha="right")
-    ax.set_yticks(range(n), labels=list(labels))
+    ax.set_xticks(range(n), labels=list(labels), rotation=45, ha="right", parse_math=False)  # `$` is text
+    ax.set_yticks(range(n), labels=list(labels), parse_math=False)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title)
+    ax.set_title(title, parse_math=False)
     if n <= 30:
         top = max((max(r) for r in matrix), default=0)
         for i in range(n):

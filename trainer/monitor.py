@@ -98,7 +98,7 @@ def plot_loss_curve(run_dir: Path) -> Optional[Path]:
         ax.plot(*zip(*evals), "o-", label="eval/loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
-    ax.set_title(run_dir.name)
+    ax.set_title(run_dir.name, parse_math=False)  # a `$` in a run dir name is text, not TeX
     ax.legend()
     fig.tight_layout()
     out = RunDir(run_dir).loss_curve
