@@ -286,14 +286,15 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
-    return cfg.model_dump(mode="json")
+    """The resolved config as plain data that launcher/rules.py `validate` reads back to the same config.
+    With train.global_batch_size set, grad_accum is derived (rules.validate) and left out, so that it
+    cannot go stale when the data is validated again with another world size."""
+    data = cfg.model_dump(mode="json")
+    if cfg.train.global_batch_size is not None:
+        del data["train"]["grad_accum"]
+    return data
 
 
 def to_yaml(cfg: RunConfig) -> str:
-    """The resolved config as YAML that launcher/rules.py `load_config` reads back to the same config.
-    With train.global_batch_size set, grad_accum is derived (rules.validate) and left out, so that it
-    cannot go stale when the same file is loaded with another world size."""
-    data = to_dict(cfg)
-    if cfg.train.global_batch_size is not None:
-        del data["train"]["grad_accum"]
-    return yamlio.dump(data)
+    """to_dict as YAML (what RUN_DIR/config.yaml holds)."""
+    return yamlio.dump(to_dict(cfg))
