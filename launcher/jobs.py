@@ -138,7 +138,7 @@ def checkpoint_info(run_dir: Path) -> Optional[dict]:
     tag = layout.latest.read_text().strip()
     folder = layout.checkpoints / tag
     digits = re.sub(r"\D", "", tag)
-    return {"tag": tag, "step": int(digits) if digits else None, "path": str(folder),
+    return {"tag": tag, "step": int(digits) if digits else None, "path": str(folder.resolve()),
             "complete": (folder / rundir.CHECKPOINT_COMPLETE).exists()}
 
 
@@ -207,7 +207,7 @@ def status(run_dir: Path) -> dict:
         mine = [r for r in records if str(r.get("job")) == job]
         out["in_job_restarts"] = sum(1 for r in mine if r.get("event") == "restart")
         log, _ = log_files(run_dir, job)
-        out["log"] = str(log) if log else None
+        out["log"] = str(log.resolve()) if log else None
     out.update(progress(read_metrics(run_dir), config_max_steps(run_dir)))
     out["checkpoint"] = checkpoint_info(run_dir)
     done = None

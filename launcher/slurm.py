@@ -202,13 +202,12 @@ def network_block(network: str) -> str:
 
 _FLIGHT_RECORDER = """
 # NCCL flight recorder (dist.flight_recorder): every rank keeps its last collectives in memory and, when
-# a collective times out (dist.timeout_min), dumps them to RUN_DIR/{dir}/rank_<N>; find the rank
-# that fell behind with: torchfrtrace RUN_DIR/{dir}
-export TORCH_FR_BUFFER_SIZE="${{TORCH_FR_BUFFER_SIZE:-20000}}"            # entries kept per rank
-export TORCH_NCCL_TRACE_BUFFER_SIZE="${{TORCH_NCCL_TRACE_BUFFER_SIZE:-$TORCH_FR_BUFFER_SIZE}}"  # (older torch)
-export TORCH_NCCL_DUMP_ON_TIMEOUT="${{TORCH_NCCL_DUMP_ON_TIMEOUT:-1}}"     # dump on a timeout or NCCL error
-export TORCH_FR_DUMP_TEMP_FILE="$RUN_DIR/{dir}/rank_"
-export TORCH_NCCL_DEBUG_INFO_TEMP_FILE="$TORCH_FR_DUMP_TEMP_FILE"           # (older torch)
+# a collective times out (dist.timeout_min) or NCCL fails, dumps them to RUN_DIR/{dir}/rank_<N>;
+# find the rank that fell behind with: torchfrtrace RUN_DIR/{dir}
+# (older torch releases read TORCH_NCCL_TRACE_BUFFER_SIZE and TORCH_NCCL_DEBUG_INFO_TEMP_FILE instead.)
+export TORCH_FR_BUFFER_SIZE="${{TORCH_FR_BUFFER_SIZE:-20000}}"         # collectives kept per rank
+export TORCH_NCCL_DUMP_ON_TIMEOUT="${{TORCH_NCCL_DUMP_ON_TIMEOUT:-1}}"  # dump them on a timeout or NCCL error
+export TORCH_FR_DUMP_TEMP_FILE="$RUN_DIR/{dir}/rank_"                # one file per rank: rank_<N>
 mkdir -p "$RUN_DIR/{dir}"
 """
 

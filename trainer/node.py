@@ -21,11 +21,15 @@ def main(argv: list[str]) -> int:
         print("usage: python -m trainer.node --user-error-file PATH [torchrun arguments]", file=sys.stderr)
         return EXIT_USER_ERROR
     marker, torchrun_args = Path(argv[1]), argv[2:]
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
     try:
         torchrun(torchrun_args)
+    except SignalException as e:  # srun stops this node because another one failed (or scancel)
+        print(f"trainer.node: {e}; the local ranks were stopped", file=sys.stderr, flush=True)
+        return 128 + int(e.sigval)
     except ChildFailedError as e:
         print(str(e), file=sys.stderr, flush=True)  # torchrun's own table of the failed ranks
         user = sorted(rank for rank, f in e.failures.items() if f.exitcode == EXIT_USER_ERROR)
