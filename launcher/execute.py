@@ -94,6 +94,10 @@ def touch(path: Path) -> None:
     path.touch()
 
 
+def remove(path: Path) -> None:
+    path.unlink(missing_ok=True)
+
+
 def link_all(links: dict[Path, str], folder: Optional[Path] = None) -> None:
     """Create symlinks (path -> target). ``folder``: first remove the symlinks already in it (only links)."""
     if folder is not None and folder.is_dir():

@@ -377,10 +377,9 @@ def follow_logs(run_dir: Path, follow: bool, poll_s: float = 0.5, out=None, err=
         raise ConfigError([f"{run_dir} has no Slurm job recorded in {rundir.JOBS}; was it submitted with "
                            "`python -m launcher submit` (or started by the batch script)?"], "the command line")
     offsets: dict[Path, int] = {}
-    last_check = 0.0
-    while True:
-        paths = log_files(run_dir, job)
-        grew = False
+
+    def copy_new() -> tuple[tuple, bool]:
+        paths, grew = log_files(run_dir, job), False
         for path, stream in zip(paths, (out, err)):
             if path is None or not path.is_file():
                 continue
@@ -392,6 +391,11 @@ def follow_logs(run_dir: Path, follow: bool, poll_s: float = 0.5, out=None, err=
                 stream.flush()
                 offsets[path] = offsets.get(path, 0) + len(data)
                 grew = True
+        return paths, grew
+
+    last_check = 0.0
+    while True:
+        paths, grew = copy_new()
         if not follow:
             if paths[0] is None or not paths[0].is_file():
                 print(f"(job {job} has written no output yet)", file=sys.stderr)
@@ -404,11 +408,13 @@ def follow_logs(run_dir: Path, follow: bool, poll_s: float = 0.5, out=None, err=
                 out.write(f"\n--- job {job} ---\n".encode())
                 continue
             if _ended(job_state(job, read_records(run_dir))):
+                copy_new()  # what the job wrote between the last read and its end
                 return 0
         time.sleep(poll_s)
 
 
-def cancel(run_dir: Path, with_checkpoint: bool, timeout_s: float = 900, poll_s: float = 1.0) -> int:
+def cancel(run_dir: Path, with_checkpoint: bool, timeout_s: float = 900, poll_s: float = 1.0,
+           grace_s: float = 60.0) -> int:
     """scancel the run's job. ``with_checkpoint``: send the preemption signal (the batch shell drops
     STOP; every rank checkpoints at its next step and exits), wait for that checkpoint, and let the
     job end without requeueing (RUN_DIR/CANCEL tells the batch script so); scancel what is left."""
@@ -428,7 +434,8 @@ def cancel(run_dir: Path, with_checkpoint: bool, timeout_s: float = 900, poll_s:
         why = "" if not with_checkpoint else f" (it was {state['state']}: nothing to checkpoint)"
         print(f"cancelled job {job}{why}")
         return 0
-    signal = (yaml.safe_load(layout.config.read_text()) or {}).get("slurm", {}).get("signal", "USR2")
+    saved = yaml.safe_load(layout.config.read_text()) if layout.config.is_file() else None
+    signal = ((saved or {}).get("slurm") or {}).get("signal") or "USR2"  # the run's preemption signal
     before = checkpoint_info(run_dir)
     t0 = time.monotonic()
     # The batch script records its start before it traps signals; wait for it (a start within ~1 s).
@@ -453,12 +460,14 @@ def cancel(run_dir: Path, with_checkpoint: bool, timeout_s: float = 900, poll_s:
             execute.touch(layout.stop)
         time.sleep(poll_s)
     saved = saved or checkpoint_info(run_dir)
-    final = job_state(job, read_records(run_dir))
-    if not _ended(final):
-        time.sleep(2 * poll_s)  # the ranks exit right after the checkpoint; the batch script then ends
-        final = job_state(job, read_records(run_dir))
-    if not _ended(final):
+    # The ranks exit right after the checkpoint and the batch script ends the job without a requeue;
+    # give it a minute to do so (and record it), then scancel whatever is left.
+    t_saved = time.monotonic()
+    while not _ended(job_state(job, read_records(run_dir))) and time.monotonic() - t_saved < grace_s:
+        time.sleep(poll_s)
+    if not _ended(job_state(job, read_records(run_dir))):
         execute.slurm_command(["scancel", job], check=False)
+        execute.remove(layout.cancel)  # the batch script, cancelled, could not
     if saved is not None and (before is None or saved["tag"] != before["tag"]):
         print(f"checkpointed: {saved['tag']} ({saved['path']}); job {job} ends without requeueing.\n"
               f"  resume: submit the same config again (same run_dir); it continues from {saved['tag']}")
