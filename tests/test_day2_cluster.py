@@ -108,7 +108,7 @@ def day2(slurm_cluster, tmp_path_factory):
 
     base = save_tiny_pretrained(tmp / "base")
     cfg = tiny_config(tmp / "sweep", train, model=base, dist={"nodes": 1, "procs_per_node": 1},
-                      train={"max_steps": 12, "lr": 2e-3}, data={"eval_fraction": 0.1},
+                      train={"max_steps": 30, "lr": 2e-3}, data={"eval_fraction": 0.1},
                       method={"name": "lora", "lora": {"r": 2}}, slurm={**cpu2, "cpus_per_task": 1})
     p = launcher("sweep", write_config(tmp / "sweep.yaml", cfg), "train.lr=2e-3,8e-3", "method.lora.r=2,4",
                  "--max-parallel", "2", env=env, cwd=tmp)
@@ -147,7 +147,7 @@ def kill_rank_once(j: dict, env: dict, tmp: Path) -> None:
         assert len(pids) == 1, f"expected one process of rank 1, found {pids}"
         os.kill(pids[0], signal.SIGKILL)
         r["killed_after"] = (r["run_dir"] / "checkpoints" / "latest").read_text().strip()
-        r["t_kill"] = time.monotonic()
+        r["t_kill"] = time.time()
     except Exception as e:  # reported by the test
         r["error"] = repr(e)
 
@@ -170,7 +170,9 @@ def preempt_one_task(j: dict, env: dict, tmp: Path) -> None:
         run_dir = Path(index["points"][1]["run_dir"])
         task = f"{s['id']}_1"
         wait_until(lambda: trained(run_dir), task, env, "sweep task 1's first step")
-        subprocess.run(["scancel", "--signal=USR2", "--batch", task], env=env, check=True, timeout=180)
+        # (not check=True: on a loaded machine scancel retries the signal and may then report the batch
+        # step "already done" although it delivered it; the test asserts the requeue itself)
+        subprocess.run(["scancel", "--signal=USR2", "--batch", task], env=env, timeout=180)
         s["preempted"] = task
     except Exception as e:
         s["error"] = repr(e)
@@ -257,6 +259,7 @@ def test_a_killed_rank_restarts_in_the_job_and_the_curve_equals_the_uninterrupte
     assert [(e["event"], e.get("attempt")) for e in events] == [("submitted", None), ("start", 0), ("restart", 1),
                                                                ("end", 1)]
     assert events[-1]["detail"] == "finished" and events[2]["detail"].startswith("exit ")
+    FIGURES["restart: SIGKILL of rank 1 -> ranks restarted (jobs.jsonl, 1 s resolution)"] = events[2]["time"] - r["t_kill"]
     assert status_json(r["run_dir"], env, day2["tmp"])["in_job_restarts"] == 1
     # steps logged before the kill and again after the restart: both equal the uninterrupted run's
     rows = [json.loads(line) for line in (r["run_dir"] / "metrics.jsonl").read_text().splitlines()]
@@ -295,7 +298,8 @@ def test_cancel_with_checkpoint_saves_then_ends_without_requeueing(day2):
     ckpt = c["run_dir"] / "checkpoints"
     assert (ckpt / "latest").read_text().strip() == tag and (ckpt / tag / "COMPLETE").exists()
     log = (c["run_dir"] / f"slurm-{c['id']}.out").read_text()
-    assert f"checkpointed at step {int(tag.removeprefix('step'))}" in log and "requeueing" not in log
+    assert f"checkpointed at step {int(tag.removeprefix('step'))}" in log and "requeueing (restart" not in log
+    assert "[finetune] checkpointed; cancelled (launcher cancel --checkpoint): not requeueing" in log
     assert not (c["run_dir"] / "DONE").exists() and not (c["run_dir"] / "CANCEL").exists()
     assert status_json(c["run_dir"], env, day2["tmp"])["checkpoint"]["tag"] == tag
 
@@ -316,18 +320,22 @@ def test_a_sweep_is_one_job_array_with_a_run_dir_per_point_and_per_task_preempti
     assert "error" not in s, s["error"]
     assert [(f["JobState"], f["Restarts"]) for f in finals] == [("COMPLETED", "0"), ("COMPLETED", "1"),
                                                                 ("COMPLETED", "0"), ("COMPLETED", "0")], finals
+    trainable = {}
     for p in index["points"]:
         run_dir = Path(p["run_dir"])
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
         assert (cfg["train"]["lr"], cfg["method"]["lora"]["r"]) == (float(p["overrides"]["train.lr"]),
                                                                      int(p["overrides"]["method.lora.r"]))
-        assert (run_dir / "DONE").exists() and (run_dir / "adapter").is_dir()
-        assert (run_dir / f"slurm-{s['id']}_{p['task']}.out").exists()  # through tasks/<i> -> the run dir
+        log = (run_dir / f"slurm-{s['id']}_{p['task']}.out").read_text()  # via tasks/<i> -> the run dir
+        assert (run_dir / "DONE").exists()
+        trainable[p["name"]] = int(re.search(r"method lora: ([\d,]+) of", log).group(1).replace(",", ""))
+    # each task trained its own point: LoRA parameters grow with r (2,176 at r=2 here)
+    assert trainable["lr-2e-3_r-4"] == trainable["lr-8e-3_r-4"] == 2 * trainable["lr-2e-3_r-2"] > 0
     preempted = Path(index["points"][1]["run_dir"])
     log = (preempted / f"slurm-{s['id']}_1.out").read_text()
     stopped = int(re.search(r"checkpointed at step (\d+)", log).group(1))
-    assert "requeueing (restart 1 of at most 3)" in log and f"at step {stopped}" in log and stopped < 12
-    assert [x for x, _ in losses(preempted)] == list(range(1, 13))
+    assert "requeueing (restart 1 of at most 3)" in log and f"at step {stopped}" in log and stopped < 30
+    assert [x for x, _ in losses(preempted)] == list(range(1, 31))
     st = status_json(preempted, env, tmp)
     assert (st["job"], st["requeues"], st["state"]) == (f"{s['id']}_1", 1, "COMPLETED")
     sweep_text = launcher("status", s["dir"], env=env, cwd=tmp).stdout
@@ -339,7 +347,7 @@ def test_a_sweep_is_one_job_array_with_a_run_dir_per_point_and_per_task_preempti
                                "from"]
     for name, row in zip(names, rows[1:5]):
         lr, r = name.removeprefix("lr-").split("_r-")
-        assert row.split()[:4] == [name, lr, r, "12/12"] and row.split()[-1] == "final@12"
+        assert row.split()[:4] == [name, lr, r, "30/30"] and row.split()[-1] == "final@30"
     assert "best by eval/loss" in p.stdout
     assert (s["dir"] / "compare_loss.png").read_bytes()[:4] == b"\x89PNG"
     links = sorted((s["dir"] / "tb_compare").iterdir())
@@ -359,4 +367,4 @@ def test_the_ner_example_learns_entities_on_slurm(day2):
     assert "classification report" in out and "PER" in (n["run_dir"] / "classification_report.txt").read_text()
 
 
-NER_MIN_F1 = 0.3  # provisional
+NER_MIN_F1 = 0.35  # measured 0.399 after 30 steps (the 60-step example: 0.076 at step 10, 0.561 at its end)
