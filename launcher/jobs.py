@@ -206,6 +206,7 @@ def status(run_dir: Path) -> dict:
         out.update(job_state(job, records))
         mine = [r for r in records if str(r.get("job")) == job]
         out["in_job_restarts"] = sum(1 for r in mine if r.get("event") == "restart")
+        out["ended_as"] = mine[-1].get("detail") if mine and mine[-1].get("event") == "end" else None
         log, _ = log_files(run_dir, job)
         out["log"] = str(log.resolve()) if log else None
     out.update(progress(read_metrics(run_dir), config_max_steps(run_dir)))
@@ -234,7 +235,9 @@ def format_status(d: dict) -> str:
         limit = f" (limit {d['time_limit']})" if d.get("time_limit") else ""
         exit_code = f", exit code {d['exit_code']}" if d.get("state") in FINAL and d.get("exit_code") else ""
         src = f"  [{d['source']}]" if d.get("source") else ""
-        lines.append(f"job:        {d['job']} {d['state']}{reason}{where}{took}{limit}{exit_code}{src}")
+        said = (f" (batch script: {d['ended_as']})" if d.get("ended_as") and d.get("source") != "run dir"
+                and d.get("state") in FINAL else "")
+        lines.append(f"job:        {d['job']} {d['state']}{reason}{where}{took}{limit}{exit_code}{said}{src}")
         lines.append(f"restarts:   requeued {d['requeues'] if d.get('requeues') is not None else '?'} time(s); "
                      f"{d.get('in_job_restarts', 0)} in-job restart(s) (dist.max_restarts)")
         if d.get("note"):
@@ -245,8 +248,9 @@ def format_status(d: dict) -> str:
     else:
         pct = f" ({100 * step / total:.0f} %)" if total else ""
         tps = f"; {d['tokens_per_s']:,.0f} tokens/s" if d.get("tokens_per_s") is not None else ""
+        running = d.get("job") is None or d.get("state") == "RUNNING"
         st = (f"; {d['step_time_s']:.3g} s/step (median of the last steps); ETA {duration(d['eta_s'])}"
-              if d.get("step_time_s") is not None and d.get("done") is None else "")
+              if d.get("step_time_s") is not None and d.get("done") is None and running else "")
         lines.append(f"progress:   step {step}/{total if total is not None else '?'}{pct}; loss {d['loss']:.4f}{tps}{st}")
     ev = d.get("eval")
     if ev:
@@ -259,8 +263,10 @@ def format_status(d: dict) -> str:
         best = d["done"].get("best_step")
         lines.append(f"finished:   DONE (last step {d['done'].get('last_step', '?')}"
                      + (f", best step {best} by {d['done'].get('best_metric')}" if best is not None else "") + ")")
-    elif d.get("stop"):
+    elif d.get("stop") and d.get("state") == "RUNNING":
         lines.append("stop:       STOP is set: the ranks checkpoint at their next step and exit")
+    elif d.get("stop"):
+        lines.append("stop:       stopped by STOP (or a signal); submit the same config again to resume")
     if d.get("log"):
         lines.append(f"log:        {d['log']}")
     return "\n".join(lines)
@@ -329,15 +335,16 @@ def sweep_status(sweep_dir: Path) -> dict:
 
 
 def format_sweep(d: dict) -> str:
-    lines = [f"sweep dir: {d['sweep_dir']}", f"{'task':>4}  {'point':<28} {'job':<10} {'state':<12} "
+    w = max([5] + [len(p["name"]) for p in d["points"]])
+    lines = [f"sweep dir: {d['sweep_dir']}", f"{'task':>4}  {'point':<{w}} {'job':<10} {'state':<12} "
              f"{'step':>11}  {'loss':>8}  {'eval/loss':>9}  {'ETA':>10}"]
     for p in d["points"]:
         ev = (p.get("eval") or {}).get("eval/loss")
         step = f"{p['step'] if p.get('step') is not None else '-'}/{p.get('total_steps') or '?'}"
-        lines.append(f"{p['task']:>4}  {p['name']:<28} {p.get('job') or '-':<10} {p.get('state') or '-':<12} "
-                     f"{step:>11}  {p['loss'] if p.get('loss') is None else format(p['loss'], '.4f'):>8}  "
-                     f"{'-' if ev is None else format(ev, '.4f'):>9}  "
-                     f"{duration(p.get('eta_s')) if p.get('step_time_s') else '-':>10}")
+        loss = "-" if p.get("loss") is None else format(p["loss"], ".4f")
+        eta = duration(p.get("eta_s")) if p.get("step_time_s") and p.get("state") == "RUNNING" else "-"
+        lines.append(f"{p['task']:>4}  {p['name']:<{w}} {p.get('job') or '-':<10} {p.get('state') or '-':<12} "
+                     f"{step:>11}  {loss:>8}  {'-' if ev is None else format(ev, '.4f'):>9}  {eta:>10}")
     return "\n".join(lines)
 
 
@@ -426,16 +433,17 @@ def cancel(run_dir: Path, with_checkpoint: bool, timeout_s: float = 900, poll_s:
     if job is None:
         raise ConfigError([f"{run_dir} has no Slurm job recorded in {rundir.JOBS}"], "the command line")
     state = job_state(job, records)
-    if _ended(state) or state["state"] == "REQUEUED":
-        print(f"job {job} is not running ({state['state']}); nothing to cancel")
+    if _ended(state) or state["state"] == "REQUEUED" or layout.done.exists():
+        print(f"job {job} is not running ({state['state']}{', the run finished: DONE' if layout.done.exists() else ''})"
+              "; nothing to cancel")
         return 0
     if not with_checkpoint or state["state"] != "RUNNING":
         execute.slurm_command(["scancel", job], check=True)
         why = "" if not with_checkpoint else f" (it was {state['state']}: nothing to checkpoint)"
         print(f"cancelled job {job}{why}")
         return 0
-    saved = yaml.safe_load(layout.config.read_text()) if layout.config.is_file() else None
-    signal = ((saved or {}).get("slurm") or {}).get("signal") or "USR2"  # the run's preemption signal
+    saved_cfg = yaml.safe_load(layout.config.read_text()) if layout.config.is_file() else None
+    signal = ((saved_cfg or {}).get("slurm") or {}).get("signal") or "USR2"  # the run's preemption signal
     before = checkpoint_info(run_dir)
     t0 = time.monotonic()
     # The batch script records its start before it traps signals; wait for it (a start within ~1 s).
@@ -447,11 +455,9 @@ def cancel(run_dir: Path, with_checkpoint: bool, timeout_s: float = 900, poll_s:
     execute.touch(layout.cancel)
     execute.slurm_command(["scancel", f"--signal={signal}", "--batch", job], check=True)
     print(f"sent SIG{signal} to job {job}: every rank checkpoints at its next optimizer step", flush=True)
-    saved = None
     while time.monotonic() - t0 < timeout_s:
         ck = checkpoint_info(run_dir)
         if ck and ck["complete"] and (before is None or ck["tag"] != before["tag"]):
-            saved = ck
             break
         st = job_state(job, read_records(run_dir))
         if _ended(st) or st["state"] not in ("RUNNING", "COMPLETING"):
@@ -459,7 +465,6 @@ def cancel(run_dir: Path, with_checkpoint: bool, timeout_s: float = 900, poll_s:
         if not layout.stop.exists():  # a trainer that started after the signal removed STOP at its start
             execute.touch(layout.stop)
         time.sleep(poll_s)
-    saved = saved or checkpoint_info(run_dir)
     # The ranks exit right after the checkpoint and the batch script ends the job without a requeue;
     # give it a minute to do so (and record it), then scancel whatever is left.
     t_saved = time.monotonic()
@@ -468,10 +473,15 @@ def cancel(run_dir: Path, with_checkpoint: bool, timeout_s: float = 900, poll_s:
     if not _ended(job_state(job, read_records(run_dir))):
         execute.slurm_command(["scancel", job], check=False)
         execute.remove(layout.cancel)  # the batch script, cancelled, could not
-    if saved is not None and (before is None or saved["tag"] != before["tag"]):
-        print(f"checkpointed: {saved['tag']} ({saved['path']}); job {job} ends without requeueing.\n"
-              f"  resume: submit the same config again (same run_dir); it continues from {saved['tag']}")
+    if layout.done.exists():
+        execute.remove(layout.cancel)
+        print(f"the run finished (DONE) before the stop request took effect; job {job} was not cancelled")
         return 0
-    print(f"no new checkpoint appeared within {timeout_s:g} s; job {job} was cancelled. The latest checkpoint is "
-          f"{saved['tag'] if saved else 'none'}", file=sys.stderr)
+    latest = checkpoint_info(run_dir)  # the stop checkpoint may come a step after a periodic one
+    if latest is not None and latest["complete"] and (before is None or latest["tag"] != before["tag"]):
+        print(f"checkpointed: {latest['tag']} ({latest['path']}); job {job} ended without requeueing.\n"
+              f"  resume: submit the same config again (same run_dir); it continues from {latest['tag']}")
+        return 0
+    print(f"no new checkpoint was written (job {job}: {job_state(job, read_records(run_dir))['state']}); the "
+          f"job is cancelled. The latest checkpoint is {latest['tag'] if latest else 'none'}", file=sys.stderr)
     return 1

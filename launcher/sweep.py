@@ -226,10 +226,10 @@ HEADLINE = ("eval/loss", "eval/ppl", "eval/accuracy", "eval/f1_macro", "eval/ent
 
 def summarise(run_dir: Path) -> dict:
     """Final or best eval metrics (DONE: the exported step's), else the last evaluation so far."""
-    from launcher.jobs import progress, read_metrics
+    from launcher.jobs import config_max_steps, progress, read_metrics
 
     rows = read_metrics(run_dir)
-    prog = progress(rows, None)
+    prog = progress(rows, config_max_steps(run_dir))
     done_path = rundir.RunDir(run_dir).done
     done = json.loads(done_path.read_text() or "{}") if done_path.is_file() else None
     if done is not None:
