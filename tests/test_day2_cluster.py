@@ -261,7 +261,8 @@ def test_a_killed_rank_restarts_in_the_job_and_the_curve_equals_the_uninterrupte
     assert events[-1]["detail"] == "finished" and events[2]["detail"].startswith("exit ")
     FIGURES["restart: SIGKILL of rank 1 -> ranks restarted (jobs.jsonl, 1 s resolution)"] = events[2]["time"] - r["t_kill"]
     assert status_json(r["run_dir"], env, day2["tmp"])["in_job_restarts"] == 1
-    # steps logged before the kill and again after the restart: both equal the uninterrupted run's
+    # every logged value (a step logged before the kill and again after the restart: both) equals the
+    # uninterrupted run's (measured: identical, and the kill came before step 5 was logged)
     rows = [json.loads(line) for line in (r["run_dir"] / "metrics.jsonl").read_text().splitlines()]
     curve = [(row["step"], row["train/loss"]) for row in rows if "train/loss" in row]
     ref = dict(losses(day2["watch"]["run_dir"]))
