@@ -8,14 +8,21 @@
                                 [--cpu-mem-gb C] [--model-config CONFIG.json] [--apply OUT.yaml]
     python -m launcher render-presets [--check]     (ds_configs/*.json, slurm/finetune.sh)
     python -m launcher job-facts CONFIG [key=value ...]   (used by the batch script)
+    python -m launcher status RUN_DIR|JOBID|SWEEP_DIR [--watch] [--json]
+    python -m launcher logs   RUN_DIR [-f]
+    python -m launcher cancel RUN_DIR [--checkpoint]
+    python -m launcher sweep  CONFIG key=v1,v2 [key=value ...] [--max-parallel K] [--out SWEEP_DIR] [--dry-run]
+    python -m launcher compare RUN_DIR... | SWEEP_DIR [--out DIR] [--metric eval/NAME ...]
 
 Exit codes: 0 = OK, 2 = a problem with the config (every problem is listed), 1 = a command failed.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -63,7 +70,30 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--top", type=int, default=8, help="how many fitting layouts to list (default 8)")
     pr = sub.add_parser("render-presets", help="regenerate ds_configs/*.json and slurm/finetune.sh")
     pr.add_argument("--check", action="store_true", help="only report files that differ (exit 1)")
-    with_config("job-facts", "print RUN_DIR, PROCS_PER_NODE, MAX_REQUEUES as shell assignments")
+    with_config("job-facts", "print RUN_DIR, PROCS_PER_NODE, MAX_REQUEUES, MAX_RESTARTS as shell assignments")
+    st = sub.add_parser("status", help="a run's job state, requeues, step, loss, tokens/s, ETA, eval, checkpoint")
+    st.add_argument("target", help="run dir, sweep dir, or Slurm job id")
+    st.add_argument("--watch", action="store_true", help="refresh until the job ends")
+    st.add_argument("--interval", type=float, default=10.0, help="seconds between refreshes (--watch)")
+    st.add_argument("--json", action="store_true", help="one JSON object (per refresh) for scripts")
+    lg = sub.add_parser("logs", help="print the current job's output; -f follows it")
+    lg.add_argument("run_dir")
+    lg.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
+    ca = sub.add_parser("cancel", help="scancel the run's job; --checkpoint checkpoints first, no requeue")
+    ca.add_argument("run_dir")
+    ca.add_argument("--checkpoint", action="store_true",
+                    help="send the preemption signal, wait for the checkpoint, then end without requeueing")
+    ca.add_argument("--timeout-s", type=float, default=900.0, help="how long to wait for the checkpoint")
+    sw = with_config("sweep", "validate every point, then submit ONE sbatch --array job (a run dir per point)")
+    sw.add_argument("--max-parallel", type=int, default=None, help="at most K tasks run at once (--array=...%%K)")
+    sw.add_argument("--out", help="sweep dir (default: the config's run_dir)")
+    sw.add_argument("--dry-run", action="store_true", help="print the points, the array script and sbatch only")
+    co = sub.add_parser("compare", help="table of final/best eval metrics, one PNG of the loss curves, "
+                        "one TensorBoard logdir")
+    co.add_argument("targets", nargs="+", help="run dirs, or a sweep dir")
+    co.add_argument("--out", help="where compare_loss.png and tb_compare/ go (default: the sweep dir or the "
+                    "runs' common parent)")
+    co.add_argument("--metric", action="append", default=[], help="another eval metric column (repeatable)")
     return p
 
 
@@ -211,11 +241,13 @@ def cmd_submit(args) -> int:
     job = execute.submit(plan.sbatch, Path.cwd())
     d = cfg.dist
     layout = rundir.RunDir(plan.run_dir)
+    execute.append_line(layout.jobs, json.dumps({"job": job, "event": "submitted", "time": int(time.time())}))
     out, err = layout.slurm_logs(job)
     print(f"submitted job {job}: {d.nodes} node(s) x {d.procs_per_node} rank(s); run dir {plan.run_dir}\n"
           f"  stdout:      {out}\n"
           f"  stderr:      {err}\n"
-          f"  status:      squeue -j {job}   (or: scontrol show job {job})\n"
+          f"  status:      python -m launcher status {_shell_line([str(plan.run_dir)])}   (--watch; "
+          f"logs: python -m launcher logs ... -f)\n"
           f"  TensorBoard: tensorboard --logdir {_shell_line([str(layout.tensorboard)])}\n"
           f"  checkpoint + requeue now: scancel --signal={cfg.slurm.signal} --batch {job}")
     return 0
@@ -278,12 +310,86 @@ def cmd_job_facts(args) -> int:
 
     cfg = _load(args, allow_done=True)
     sys.stdout.write(shell_assignments({"RUN_DIR": cfg.run_dir, "PROCS_PER_NODE": cfg.dist.procs_per_node,
-                                        "MAX_REQUEUES": cfg.slurm.max_requeues}))
+                                        "MAX_REQUEUES": cfg.slurm.max_requeues,
+                                        "MAX_RESTARTS": cfg.dist.max_restarts}))
+    return 0
+
+
+def cmd_status(args) -> int:
+    from launcher import jobs
+
+    try:
+        return jobs.show_status(args.target, args.watch, args.json, args.interval)
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_logs(args) -> int:
+    from launcher import jobs
+
+    try:
+        return jobs.follow_logs(Path(args.run_dir), args.follow)
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_cancel(args) -> int:
+    from launcher import jobs
+
+    return jobs.cancel(Path(args.run_dir), args.checkpoint, args.timeout_s)
+
+
+def cmd_sweep(args) -> int:
+    from launcher import execute, sweep
+
+    plan = sweep.make_sweep(args.config, args.overrides, args.out, args.max_parallel, Path.cwd(), sys.executable,
+                            str(REPO))
+    problems = execute.bash_syntax_problems(plan.files[plan.script])
+    if problems:
+        raise ConfigError(problems, args.config)
+    points = "\n".join(f"  task {p['task']}: {p['name']}  ({', '.join(f'{k}={v}' for k, v in p['overrides'].items())})"
+                       for p in plan.points)
+    if args.dry_run:
+        print(f"# --dry-run: nothing written, nothing submitted. {len(plan.points)} point(s), all valid:\n{points}\n"
+              f"# {plan.script}:\n{plan.files[plan.script]}\n# sbatch command (run from {Path.cwd()}):\n"
+              f"{_shell_line(plan.sbatch)}")
+        return 0
+    execute.write_files(plan.files, executable=tuple(p for p in plan.files if p.name == rundir.SCRIPT))
+    execute.link_all(plan.links, plan.sweep_dir / rundir.SWEEP_TASKS)
+    job = execute.submit(plan.sbatch, Path.cwd())
+    execute.write_files({plan.sweep_dir / rundir.SWEEP_INDEX: sweep.index_with_job(plan.index, job)})
+    for p in plan.points:
+        execute.append_line(rundir.RunDir(p["run_dir"]).jobs, json.dumps(
+            {"job": f"{job}_{p['task']}", "event": "submitted", "time": int(time.time()), "sweep": job}))
+    limit = f", at most {args.max_parallel} at a time" if args.max_parallel else ""
+    where = _shell_line([str(plan.sweep_dir)])
+    print(f"submitted job array {job}: {len(plan.points)} task(s){limit}; sweep dir {plan.sweep_dir}\n{points}\n"
+          f"  index:   {plan.sweep_dir / rundir.SWEEP_INDEX}\n"
+          f"  status:  python -m launcher status {where}\n"
+          f"  compare: python -m launcher compare {where}\n"
+          f"  preempt one task: scancel --signal=USR2 --batch {job}_TASK")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from launcher import execute, sweep
+
+    runs = sweep.expand(args.targets)
+    summaries = [sweep.summarise(d) for _, d, _ in runs]
+    print(sweep.compare_table(runs, summaries, args.metric))
+    out = Path(args.out) if args.out else sweep.default_out(args.targets)
+    png = out / rundir.COMPARE_PNG
+    execute.write_bytes(png, sweep.loss_png(runs, summaries))
+    links = sweep.tensorboard_links(runs, out)
+    execute.link_all(links, out / rundir.COMPARE_TB)
+    print(f"loss curves: {png}\nTensorBoard: tensorboard --logdir {_shell_line([str(out / rundir.COMPARE_TB)])}"
+          f"   ({len(links)} run(s) linked)")
     return 0
 
 
 COMMANDS = {"validate": cmd_validate, "plan": cmd_plan, "render": cmd_render, "submit": cmd_submit, "run": cmd_run,
-            "render-presets": cmd_render_presets, "job-facts": cmd_job_facts}
+            "render-presets": cmd_render_presets, "job-facts": cmd_job_facts, "status": cmd_status,
+            "logs": cmd_logs, "cancel": cmd_cancel, "sweep": cmd_sweep, "compare": cmd_compare}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

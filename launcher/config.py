@@ -94,6 +94,22 @@ class DistConfig(_Section):
     procs_per_node: int = Field(1, gt=0)  # GPUs per node (or CPU ranks per node)
     # What the trainer does when the world it wakes up in differs from nodes*procs_per_node.
     on_world_mismatch: Literal["adapt", "error"] = "adapt"
+    # In-job restarts: after a rank fails (crash, OOM kill, a lost node; not a config or data error,
+    # exit 2) the batch script starts every rank again from `latest`, up to this many times per job.
+    max_restarts: int = Field(0, ge=0)
+    # The NCCL environment block of the batch script (each variable explained there; slurm.env_setup
+    # and the submitting shell's environment override any of them). auto = set nothing.
+    network: Literal["auto", "infiniband", "ethernet", "efa"] = "auto"
+    # Process-group timeout: a collective that waits longer fails instead of hanging (DeepSpeed's default 30).
+    timeout_min: float = Field(30.0, gt=0)
+    # NCCL flight recorder: every rank keeps its last collectives in memory and dumps them to
+    # RUN_DIR/flight_recorder/ on a timeout (analyse with `torchfrtrace RUN_DIR/flight_recorder`).
+    flight_recorder: bool = False
+
+
+# dist.* keys that say how a job runs, not what it trains: a resubmission of a run may change them
+# (like slurm.*), e.g. to turn the flight recorder on for a hang.
+RESUBMIT_FREE_KEYS = ("dist.max_restarts", "dist.network", "dist.timeout_min", "dist.flight_recorder")
 
 
 class CheckpointConfig(_Section):
@@ -109,6 +125,14 @@ class LoggingConfig(_Section):
     # Peak dense TFLOP/s per device for MFU; None = look the GPU up in a table.
     peak_tflops: Optional[float] = Field(None, gt=0)
     progress_bar: bool = True
+
+
+class ContainerConfig(_Section):
+    """pyxis/enroot containers (srun --container-*). The run dir, data and model must be mounted at
+    the same paths inside as outside (the batch shell, outside, reads RUN_DIR too)."""
+    image: str  # e.g. nvcr.io#nvidia/pytorch:24.05-py3, or a squashfs file
+    mounts: list[str] = []  # "SRC:DST[:FLAGS]", absolute paths, e.g. /scratch:/scratch
+    workdir: Optional[str] = None  # None = the submit directory (where relative config paths resolve)
 
 
 class SlurmConfig(_Section):
@@ -133,8 +157,12 @@ class SlurmConfig(_Section):
     max_requeues: int = Field(3, ge=0)
     # Shell lines run before launch: module loads, venv/conda activation, NCCL variables.
     env_setup: list[str] = []
-    # Python on the compute nodes; None = the interpreter running `python -m launcher`.
+    # Python on the compute nodes; None = the interpreter running `python -m launcher` (python3 in a container).
     python: Optional[PathStr] = None
+    exclusive: bool = False  # whole nodes (#SBATCH --exclusive)
+    # sbatch options the schema does not model, as "--flag=value" or "--flag" (e.g. --reservation=x).
+    extra_sbatch: list[str] = []
+    container: Optional[ContainerConfig] = None
 
 
 # --------------------------------------------------------------------------- method

@@ -75,3 +75,52 @@ def exec_command(argv: list[str], env: dict[str, str]) -> None:
     except FileNotFoundError:
         raise LaunchError(f"{argv[0]!r} was not found; install deepspeed (pip install -e .) or activate the "
                           "project's virtual environment") from None
+
+
+# --------------------------------------------------------------------------- Slurm queries and signals
+
+
+def slurm_command(argv: list[str], check: bool = False) -> subprocess.CompletedProcess:
+    """Run a Slurm client command (squeue, sacct, scontrol, scancel). ``check``: a non-zero exit is a
+    LaunchError; otherwise the caller reads the exit status (e.g. squeue on a job Slurm forgot)."""
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise LaunchError(f"{argv[0]} is not on PATH: run this on a Slurm login node") from None
+    if check and p.returncode:
+        raise LaunchError(f"{' '.join(argv)} failed (exit {p.returncode}): {p.stderr.strip() or p.stdout.strip()}")
+    return p
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def append_line(path: Path, line: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(line.rstrip("\n") + "\n")
+
+
+def touch(path: Path) -> None:
+    path.touch()
+
+
+def remove(path: Path) -> None:
+    path.unlink(missing_ok=True)
+
+
+def link_all(links: dict[Path, str], folder: Optional[Path] = None) -> None:
+    """Create symlinks (path -> target). ``folder``: first remove the symlinks already in it (only links)."""
+    if folder is not None and folder.is_dir():
+        for old in folder.iterdir():
+            if old.is_symlink():
+                old.unlink()
+    for path, target in links.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_symlink():
+            path.unlink()
+        path.symlink_to(target)

@@ -12,7 +12,7 @@ from launcher import rundir
 from launcher.batch import plan_batch
 from launcher.config import RunConfig, to_yaml
 from launcher.planner import model_state
-from launcher.slurm import ScriptSpec, comment, q, render_script, sbatch_argv, sbatch_options
+from launcher.slurm import comment, q, render_script, sbatch_argv, sbatch_options, script_spec
 
 PRESETS_COMMAND = "python -m launcher render-presets"
 # ds_configs/<name>.json: the ZeRO section each preset sets on top of the default config (bf16).
@@ -61,8 +61,7 @@ def make_plan(cfg: RunConfig, config_path: str, overrides: list[str], cwd: Path,
     regenerate = render_command(config_path, overrides, cfg.run_dir)
     script, config = layout.script, layout.config
     options = sbatch_options(cfg, str(run_dir))
-    spec = ScriptSpec(options=options, regenerate=regenerate, python=cfg.slurm.python or python, repo=repo,
-                      config=str(config), env_setup=list(cfg.slurm.env_setup))
+    spec = script_spec(cfg, options, regenerate, python, repo, str(config))
     files = {config: render_config_yaml(cfg, regenerate),
              layout.ds_config: render_ds_json(cfg, regenerate),
              script: render_script(spec)}
@@ -140,6 +139,6 @@ def render_presets() -> dict[str, str]:
         del data["train_batch_size"]
         out[f"ds_configs/{name}.json"] = json.dumps(data, indent=2) + "\n"
     cfg = preset_config(DEFAULT_PRESET)
-    spec = ScriptSpec(options=sbatch_options(cfg, None), regenerate=PRESETS_COMMAND, python="python3", repo=None)
+    spec = script_spec(cfg, sbatch_options(cfg, None), PRESETS_COMMAND, "python3", None)
     out["slurm/finetune.sh"] = render_script(spec)
     return out

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Optional, Union, get_args
 
@@ -22,7 +23,8 @@ from pydantic import BaseModel, ValidationError
 
 from launcher import rundir, yamlio
 from launcher.batch import batch_problems
-from launcher.config import BNB_OPTIMIZERS, PEFT_METHODS, PER_LABEL_METRICS, TASK_METRICS, RunConfig, flatten, to_dict
+from launcher.config import (BNB_OPTIMIZERS, PEFT_METHODS, PER_LABEL_METRICS, RESUBMIT_FREE_KEYS, TASK_METRICS,
+                             RunConfig, flatten, to_dict)
 from launcher.errors import ConfigError
 from launcher.memory import HF_CONFIG, LLAMA_LIKE, read_model_folder
 from launcher.slurm import SENTINEL, env_setup_probes, env_setup_problems
@@ -280,6 +282,7 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
     t = cfg.train
     batch = batch_problems(t.micro_batch_size, t.grad_accum, t.global_batch_size, cfg.world_size)
     p += batch
+    p += cluster_problems(cfg)
     if t.global_batch_size is not None and "grad_accum" in t.model_fields_set and not batch:
         derived = t.global_batch_size // (t.micro_batch_size * cfg.world_size)
         if t.grad_accum != derived:
@@ -539,6 +542,55 @@ def env_setup_shell_problems(lines: list[str], parses: Callable[[str], bool]) ->
     return p
 
 
+# sbatch options the schema models (the key to use instead); slurm.extra_sbatch may not set them.
+MODELLED_SBATCH = {
+    "job-name": "slurm.job_name", "nodes": "dist.nodes", "ntasks": "dist.nodes (one task per node)",
+    "ntasks-per-node": "dist.procs_per_node (one task per node starts its ranks)", "gpus-per-node":
+    "slurm.gpus_per_node", "gpus": "slurm.gpus_per_node", "cpus-per-task": "slurm.cpus_per_task",
+    "mem": "slurm.mem_gb", "time": "slurm.time_min", "partition": "slurm.partition", "account": "slurm.account",
+    "qos": "slurm.qos", "constraint": "slurm.constraint", "output": "the run dir (slurm-JOBID.out there)",
+    "error": "the run dir (slurm-JOBID.err there)", "signal": "slurm.signal and slurm.signal_lead_s",
+    "requeue": "slurm.max_requeues", "no-requeue": "slurm.max_requeues=0", "open-mode": "nothing (append keeps "
+    "a requeued job's output in one file)", "exclusive": "slurm.exclusive", "array": "python -m launcher sweep",
+    "wrap": "nothing (the batch script is rendered)", "chdir": "nothing (relative paths resolve in the submit "
+    "directory; submit from the directory you want)", "parsable": "nothing", "wait": "nothing",
+}
+_SBATCH_FLAG = re.compile(r"--([a-z][a-z0-9-]*)(=(.+))?", re.S)
+_MOUNT = re.compile(r"(/[^,:\s]*):(/[^,:\s]*)(:[a-z+]+)?")
+
+
+def cluster_problems(cfg: RunConfig) -> list[str]:
+    """slurm.extra_sbatch, slurm.container (part of cross_field_problems). Pure."""
+    s, p = cfg.slurm, []
+    seen = set()
+    for item in s.extra_sbatch:
+        m = _SBATCH_FLAG.fullmatch(item)
+        if m is None or "\n" in item:
+            p.append(f"'slurm.extra_sbatch' item {item!r} is not an sbatch option; write it as --flag=value or "
+                     "--flag (long form, e.g. --reservation=maint or --mail-type=END)")
+            continue
+        name = m.group(1)
+        if name in MODELLED_SBATCH:
+            p.append(f"'slurm.extra_sbatch' item {item!r} sets --{name}, which the config models; use "
+                     f"{MODELLED_SBATCH[name]} instead")
+        elif name in seen:
+            p.append(f"'slurm.extra_sbatch' sets --{name} more than once; keep one")
+        seen.add(name)
+    c = s.container
+    if c is not None:
+        if not c.image.strip() or "\n" in c.image:
+            p.append(f"'slurm.container.image' = {c.image!r} is empty or holds a newline; give an image "
+                     "(e.g. nvcr.io#nvidia/pytorch:24.05-py3) or a squashfs file")
+        for mount in c.mounts:
+            if not _MOUNT.fullmatch(mount):
+                p.append(f"'slurm.container.mounts' item {mount!r} is not SRC:DST[:FLAGS] with absolute paths "
+                         "(no commas or spaces: pyxis joins the mounts with commas), e.g. /scratch:/scratch")
+        if c.workdir is not None and not c.workdir.startswith("/"):
+            p.append(f"'slurm.container.workdir' = {c.workdir!r} must be an absolute path inside the container; "
+                     "remove it to use the submit directory")
+    return p
+
+
 # --------------------------------------------------------------------------- disk
 
 
@@ -656,6 +708,10 @@ def run_dir_problems(cfg: RunConfig, allow_done: bool = False) -> list[str]:
         # slurm.* says where and how long a job runs, not what it trains: a resubmission may change it
         diff = sorted(k for k in old.keys() | new.keys()
                       if not same_value(k, old.get(k), new.get(k)) and not k.startswith("slurm."))
+
+
+        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not k.startswith("slurm.")
+                      and k not in RESUBMIT_FREE_KEYS)
         if diff:
             p.append(f"run_dir {cfg.run_dir!r} holds a different run's config (differs in: {', '.join(diff)}); "
                      f"choose a new run_dir, or use the config saved there ({saved}) to resume that run")

@@ -9,6 +9,11 @@
     RUN_DIR/eval/stepNNNNNNNN/  classification reports
     RUN_DIR/export/, adapter/   the exported model / peft adapter
     RUN_DIR/STOP                checkpoint at the next step and exit    RUN_DIR/DONE   the run finished
+    RUN_DIR/jobs.jsonl          the Slurm jobs of this run: submitted / start / restart / end (launcher status)
+    RUN_DIR/CANCEL              `launcher cancel --checkpoint`: checkpoint, then end without requeueing
+    RUN_DIR/flight_recorder/    NCCL flight-recorder dumps (dist.flight_recorder)
+    SWEEP_DIR/sweep.json, tasks/<i> -> ../<point>   a sweep (one job array): its index, and a link per task
+    DIR/compare_loss.png, tb_compare/<run> -> <run>/tb   what `launcher compare` writes
 
 The launcher, the trainer and the batch-script renderer all use these names. Pure: no disk access.
 """
@@ -34,6 +39,18 @@ STOP = "STOP"
 DONE = "DONE"
 SLURM_OUT = "slurm-%j.out"  # Slurm filename patterns (%j = job id)
 SLURM_ERR = "slurm-%j.err"
+LATEST = "latest"  # checkpoints/latest names the newest complete checkpoint (DeepSpeed's own file)
+CHECKPOINT_COMPLETE = "COMPLETE"  # in checkpoints/<tag>/ once every rank wrote it
+JOBS = "jobs.jsonl"
+CANCEL = "CANCEL"
+FLIGHT_RECORDER = "flight_recorder"
+USER_ERROR = ".user_error"  # + ".<job>": a rank exited 2 (trainer/node.py); the batch script reads and removes it
+SWEEP_INDEX = "sweep.json"
+SWEEP_TASKS = "tasks"
+SLURM_ARRAY_OUT = "slurm-%A_%a.out"  # array task: %A = the array's job id, %a = the task index
+SLURM_ARRAY_ERR = "slurm-%A_%a.err"
+COMPARE_PNG = "compare_loss.png"
+COMPARE_TB = "tb_compare"
 # JSON holds no comments: generated JSON files name their writer under this key (DeepSpeed ignores it).
 GENERATED_KEY = "_generated_by"
 
@@ -64,9 +81,18 @@ class RunDir:
     stop = property(lambda self: self.root / STOP)
     done = property(lambda self: self.root / DONE)
 
+    jobs = property(lambda self: self.root / JOBS)
+    cancel = property(lambda self: self.root / CANCEL)
+    flight_recorder = property(lambda self: self.root / FLIGHT_RECORDER)
+    latest = property(lambda self: self.root / CHECKPOINTS / LATEST)
+
     def slurm_logs(self, job_id: str) -> tuple[Path, Path]:
-        """The job's stdout and stderr files (the batch script's --output / --error)."""
+        """The job's stdout and stderr files (the batch script's --output / --error). An array task's
+        id is ARRAYID_TASK: slurm-%A_%a.out gives the same name."""
         return tuple(self.root / name.replace("%j", job_id) for name in (SLURM_OUT, SLURM_ERR))
+
+    def user_error(self, job_id: str) -> Path:
+        return self.root / f"{USER_ERROR}.{job_id}"
 
     def eval_report(self, step: int) -> Path:
         return self.root / EVAL / f"step{step:08d}"

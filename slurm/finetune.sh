@@ -10,6 +10,8 @@
 # Preemption: the signal below (or `scancel --signal=USR2 --batch JOBID`) reaches this shell, which
 # drops RUN_DIR/STOP; every rank checkpoints at the next optimizer step and exits; the job then
 # requeues itself while SLURM_RESTART_COUNT < slurm.max_requeues and resumes from `latest`.
+# A rank that fails (not a config or data error, exit 2) restarts every rank from `latest`, up to
+# dist.max_restarts times within the job.
 #SBATCH --job-name=finetune
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -32,19 +34,34 @@ if [ -z "$CONFIG" ] || [ -z "${SLURM_JOB_ID:-}" ]; then
   exit 2
 fi
 
+# ---- network (dist.network=auto) ----
+# NCCL picks the transport itself (InfiniBand when it finds it, else TCP sockets); nothing is set.
 # ---- environment (slurm.env_setup) ----
 # (slurm.env_setup is empty)
 # ---- end of environment ----
 export PYTHONPATH="$SLURM_SUBMIT_DIR"${PYTHONPATH:+:$PYTHONPATH}
 PYTHON=python3
 
-# RUN_DIR, PROCS_PER_NODE, MAX_REQUEUES from the validated config, each value shell-quoted.
+# RUN_DIR, PROCS_PER_NODE, MAX_REQUEUES, MAX_RESTARTS from the validated config, each value shell-quoted.
 facts=$("$PYTHON" -m launcher job-facts "$CONFIG" "${OVERRIDES[@]}") || exit 2
 eval "$facts"
+
+# This job in RUN_DIR/jobs.jsonl (an array task is ARRAYJOB_TASK): `python -m launcher status|logs|cancel`.
+JOB_KEY=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID:-}}
+JOB_KEY=${JOB_KEY:-$SLURM_JOB_ID}
+attempt=0
+record() {
+  printf '{"job": "%s", "event": "%s", "restart": %d, "attempt": %d, "time": %d, "detail": "%s"}\n' \
+    "$JOB_KEY" "$1" "${SLURM_RESTART_COUNT:-0}" "$attempt" "$(date +%s)" "${2:-}${3:+ $3}" >> "$RUN_DIR/jobs.jsonl"
+}
+mkdir -p "$RUN_DIR"
+rm -f "$RUN_DIR/CANCEL"
+record start "$SLURM_JOB_NODELIST"
 
 echo "[finetune] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST; run dir: $RUN_DIR"
 if [ -e "$RUN_DIR/DONE" ]; then
   echo "[finetune] the run already finished ($RUN_DIR/DONE); nothing to do"
+  record end already_done
   exit 0
 fi
 
@@ -71,39 +88,76 @@ else
 fi
 echo "[finetune] $NNODES node(s) x $NPROC rank(s); rendezvous $HEAD_NODE:$PORT"
 
-# bash runs traps only between commands, so srun runs in the background and we wait for it.
-srun --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
-  ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} \
-  bash -c 'exec "$0" -m torch.distributed.run --node-rank="$SLURM_NODEID" "$@"' "$PYTHON" \
-  --nnodes="$NNODES" --nproc-per-node="$NPROC" --master-addr="$HEAD_NODE" --master-port="$PORT" \
-  -m trainer.main --config "$CONFIG" "${OVERRIDES[@]}" &
-srun_pid=$!
+# trainer.node is torchrun that also drops USER_ERROR when a rank exits 2 (config or data): never retried.
+USER_ERROR="$RUN_DIR/.user_error.$JOB_KEY"
+rm -f "$USER_ERROR"
+user_error=0
 while :; do
-  interrupted=0
-  wait "$srun_pid"
-  rc=$?
-  [ "$interrupted" = 1 ] || break  # a trapped signal ended `wait` early: srun is still running
+  # bash runs traps only between commands, so srun runs in the background and we wait for it.
+  srun --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
+    ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} \
+    bash -c 'exec "$0" -m trainer.node --user-error-file "$1" --node-rank="$SLURM_NODEID" "${@:2}"' \
+    "$PYTHON" "$USER_ERROR" \
+    --nnodes="$NNODES" --nproc-per-node="$NPROC" --master-addr="$HEAD_NODE" --master-port="$PORT" \
+    -m trainer.main --config "$CONFIG" "${OVERRIDES[@]}" &
+  srun_pid=$!
+  while :; do
+    interrupted=0
+    wait "$srun_pid"
+    rc=$?
+    [ "$interrupted" = 1 ] || break  # a trapped signal ended `wait` early: srun is still running
+  done
+  if [ -e "$USER_ERROR" ]; then
+    user_error=1
+    cat "$USER_ERROR" >&2
+    rm -f "$USER_ERROR"
+    break
+  fi
+  if [ "$rc" -eq 0 ] || [ "$stop_requested" = 1 ] || [ -e "$RUN_DIR/DONE" ] || [ "$attempt" -ge "$MAX_RESTARTS" ]; then
+    break
+  fi
+  attempt=$((attempt + 1))
+  echo "[finetune] the ranks failed (exit $rc); restarting them from the latest checkpoint" \
+       "(in-job restart $attempt of at most $MAX_RESTARTS, dist.max_restarts)" >&2
+  record restart "exit $rc"
 done
 
 if [ -e "$RUN_DIR/DONE" ]; then
   echo "[finetune] finished: $RUN_DIR"
+  record end finished
   exit 0
 fi
+if [ "$user_error" = 1 ]; then
+  echo "[finetune] a rank stopped on a problem with the config or data (exit 2; see above): not retried" >&2
+  record end user_error
+  exit 2
+fi
 if [ "$rc" -ne 0 ]; then
-  echo "[finetune] training failed (exit $rc); complete checkpoints stay in $RUN_DIR/checkpoints" >&2
+  echo "[finetune] training failed (exit $rc, after $attempt in-job restart(s)); complete checkpoints stay in" \
+       "$RUN_DIR/checkpoints" >&2
+  record end failed "exit $rc"
   exit "$rc"
 fi
 if [ "$stop_requested" = 1 ]; then
+  if [ -e "$RUN_DIR/CANCEL" ]; then
+    rm -f "$RUN_DIR/CANCEL"
+    echo "[finetune] checkpointed; cancelled (launcher cancel --checkpoint): not requeueing"
+    record end cancelled
+    exit 0
+  fi
   restarts=${SLURM_RESTART_COUNT:-0}
   if [ "$restarts" -lt "$MAX_REQUEUES" ]; then
     echo "[finetune] checkpointed; requeueing (restart $((restarts + 1)) of at most $MAX_REQUEUES)"
+    record end requeued
     scontrol requeue "$SLURM_JOB_ID" && exit 0
     echo "[finetune] scontrol requeue failed; submit the job again to resume" >&2
     exit 1
   fi
   echo "[finetune] checkpointed, but the job was requeued $restarts time(s) already" \
        "(slurm.max_requeues=$MAX_REQUEUES); submit it again to resume" >&2
+  record end requeue_limit
   exit 1
 fi
 echo "[finetune] stopped by $RUN_DIR/STOP before the end; submit the job again to resume"
+record end stopped
 exit 0

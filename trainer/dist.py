@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
 
 from launcher.execute import free_port
@@ -60,8 +62,10 @@ def fill_env_from_launcher(env: os._Environ | dict) -> None:
     env.setdefault("MASTER_PORT", str(free_port()))
 
 
-def init_distributed(local_rank_arg: int | None = None) -> World:
-    """Initialise torch.distributed once (idempotent, so tests can run many configs per launch)."""
+def init_distributed(local_rank_arg: int | None = None, timeout_min: float | None = None) -> World:
+    """Initialise torch.distributed once (idempotent, so tests can run many configs per launch).
+    ``timeout_min`` (dist.timeout_min): a collective that waits longer fails instead of hanging;
+    None = DeepSpeed's default (30 min)."""
     fill_env_from_launcher(os.environ)
     if local_rank_arg is not None and local_rank_arg >= 0:
         os.environ["LOCAL_RANK"] = str(local_rank_arg)
@@ -82,8 +86,9 @@ def init_distributed(local_rank_arg: int | None = None) -> World:
         if "OMP_NUM_THREADS" not in os.environ:  # the deepspeed launcher does not set it
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if not torch.distributed.is_initialized():
+        timeout = {} if timeout_min is None else {"timeout": datetime.timedelta(minutes=timeout_min)}
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                                   auto_mpi_discovery=False, verbose=False)
+                                   auto_mpi_discovery=False, verbose=False, **timeout)
     rank = torch.distributed.get_rank()
     node_rank = int(os.environ.get("NODE_RANK") or os.environ.get("GROUP_RANK")
                     or os.environ.get("SLURM_NODEID") or rank // local_world)
@@ -128,11 +133,75 @@ def any_rank(flag: bool, device: str) -> bool:
     return all_reduce_sum(1.0 if flag else 0.0, device) > 0
 
 
+# Libraries whose versions must agree on every node (a mismatch fails in obscure ways: pickled
+# objects, checkpoint formats, collective signatures).
+CHECKED_VERSIONS = ("torch", "deepspeed", "transformers")
+# Environment a rank reports in world.json: the network block and flight recorder of the batch script.
+REPORTED_ENV = ("NCCL_", "TORCH_NCCL_", "TORCH_FR_", "FI_", "RDMAV_")
+
+
 def world_info(world: World) -> dict:
-    """This rank's view, for world.json (what the job really woke up in)."""
+    """This rank's view, for world.json (what the job really woke up in): where it runs, its GPUs, the
+    library versions, the process-group timeout and the NCCL-related environment it sees."""
+    import torch
     import torch.distributed as dist
 
+    versions = {name: getattr(sys.modules.get(name) or __import__(name), "__version__", "?")
+                for name in CHECKED_VERSIONS}
+    try:  # the timeout the process group really got (a private attribute: None if it moves)
+        backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device(world.device))
+        timeout_s = backend.options._timeout.total_seconds()
+    except (AttributeError, RuntimeError):
+        timeout_s = None
     return {"rank": world.rank, "local_rank": world.local_rank, "node_rank": world.node_rank,
             "world_size": world.world_size, "host": socket.gethostname(),
             "slurm_nodename": os.environ.get("SLURMD_NODENAME"), "device": world.device,
-            "backend": dist.get_backend()}
+            "backend": dist.get_backend(), "gpus": torch.cuda.device_count(), "versions": versions,
+            "pg_timeout_s": timeout_s,
+            "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(REPORTED_ENV)}}
+
+
+def node_name(info: dict) -> str:
+    return info["slurm_nodename"] or info["host"]
+
+
+def version_problems(infos: list[dict]) -> list[str]:
+    """Ranks whose library versions differ from rank 0's, one problem per node. Pure."""
+    ref = infos[0]
+    by_node: dict[tuple, list[int]] = {}
+    for info in infos[1:]:
+        diff = {k: v for k, v in info["versions"].items() if v != ref["versions"].get(k)}
+        if diff:
+            key = (node_name(info), info["node_rank"], tuple(sorted(diff.items())))
+            by_node.setdefault(key, []).append(info["rank"])
+    return [f"node {node} (node rank {node_rank}, rank(s) {', '.join(map(str, ranks))}) has "
+            + ", ".join(f"{k} {v}" for k, v in diff)
+            + f" but rank 0 on node {node_name(ref)} has "
+            + ", ".join(f"{k} {ref['versions'][k]}" for k, _ in diff)
+            + "; install the same versions on every node (one shared venv or container image)"
+            for (node, node_rank, diff), ranks in by_node.items()]
+
+
+def check_software(world: World) -> list[dict]:
+    """Every rank reports host, GPUs and versions; rank 0 prints one line per node. Versions that
+    differ across nodes stop every rank with a ConfigError naming the node (exit 2), before any data
+    or model is loaded."""
+    import torch.distributed as dist
+
+    from launcher.errors import ConfigError
+
+    infos: list = [None] * world.world_size
+    dist.all_gather_object(infos, world_info(world))
+    if world.is_main:
+        nodes: dict[tuple, list[dict]] = {}
+        for info in infos:
+            nodes.setdefault((info["node_rank"], node_name(info)), []).append(info)
+        for (node_rank, name), ranks in sorted(nodes.items()):
+            v = ranks[0]["versions"]
+            print(f"node {name} (node rank {node_rank}): ranks {','.join(str(i['rank']) for i in ranks)}, "
+                  f"host {ranks[0]['host']}, {ranks[0]['gpus']} GPU(s), "
+                  + ", ".join(f"{k} {v[k]}" for k in CHECKED_VERSIONS), flush=True)
+    problems = version_problems(infos)  # every rank decides the same, so all of them stop
+    if problems:
+        raise ConfigError(problems, "the nodes of this job")
+    return infos

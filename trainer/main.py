@@ -111,7 +111,8 @@ def run(cfg: RunConfig, world) -> dict:
     es = cfg.task.early_stopping
     best = EarlyStopping.from_config(es, (state or {}).get("early_stopping")) if es is not None else None
     monitor = Monitor(run_dir.root, world.is_main, cfg.logging.tensorboard)
-    monitor.log(start_step, {"model/trainable_params": method.n_trainable, "model/trainable_fraction": method.fraction})
+    monitor.log(start_step, {"model/trainable_params": method.n_trainable, "model/trainable_fraction": method.fraction,
+                             "train/total_steps": total_steps})  # for `launcher status`
     stopper = Stopper(run_dir.stop)
 
     def save(step: int) -> None:
@@ -171,10 +172,11 @@ def main(argv=None) -> int:
     except ConfigError as e:  # before any process group exists: every rank says it once
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-    from trainer.dist import init_distributed
+    from trainer.dist import check_software, init_distributed
 
-    world = init_distributed(args.local_rank)
+    world = init_distributed(args.local_rank, cfg.dist.timeout_min)
     try:
+        check_software(world)  # every node reports its host, GPUs, versions; mismatched versions: exit 2
         result = run(cfg, world)
     except (ConfigError, DataError, ModelError) as e:
         if world.is_main:
