@@ -706,12 +706,9 @@ def run_dir_problems(cfg: RunConfig, allow_done: bool = False) -> list[str]:
             old = flatten(raw)
         new = flatten(to_dict(cfg))
         # slurm.* says where and how long a job runs, not what it trains: a resubmission may change it
-        diff = sorted(k for k in old.keys() | new.keys()
-                      if not same_value(k, old.get(k), new.get(k)) and not k.startswith("slurm."))
-
-
-        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not k.startswith("slurm.")
-                      and k not in RESUBMIT_FREE_KEYS)
+        # (nor do dist.max_restarts, network, timeout_min and flight_recorder: how the job copes, not what it trains)
+        diff = sorted(k for k in old.keys() | new.keys() if not same_value(k, old.get(k), new.get(k))
+                      and not k.startswith("slurm.") and k not in RESUBMIT_FREE_KEYS)
         if diff:
             p.append(f"run_dir {cfg.run_dir!r} holds a different run's config (differs in: {', '.join(diff)}); "
                      f"choose a new run_dir, or use the config saved there ({saved}) to resume that run")
