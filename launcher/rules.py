@@ -351,9 +351,23 @@ def path_problems(data: dict[str, Any]) -> list[str]:
     return p
 
 
+PATH_KEYS = ("model.name_or_path", "model.tokenizer", "data.train", "data.eval", "zero.base_config")
+
+
+def _where(value: Any, run_dir: str) -> Any:
+    """A path key's identity: its resolved path, or its place inside the run dir (a moved run dir
+    takes such files along). Other values are themselves."""
+    if not isinstance(value, str):
+        return value
+    path, root = Path(value).resolve(), Path(run_dir).resolve()
+    return ("RUN_DIR", path.relative_to(root).as_posix()) if path.is_relative_to(root) else str(path)
+
+
 def run_dir_problems(cfg: RunConfig, allow_done: bool = False) -> list[str]:
     """A run dir belongs to one run: a different config there would mix two runs. The slurm
-    section may differ (a resubmission with more time or another partition is the same run)."""
+    section may differ (a resubmission with more time or another partition is the same run), and so
+    may ``run_dir`` itself (a run dir copied or moved elsewhere is the same run); the other paths
+    count by where they resolve to."""
     run_dir = rundir.RunDir(cfg.run_dir)
     saved = run_dir.config
     p = []
@@ -368,8 +382,12 @@ def run_dir_problems(cfg: RunConfig, allow_done: bool = False) -> list[str]:
         except ConfigError:
             old = flatten(raw)
         new = flatten(to_dict(cfg))
+        old_root = old.get("run_dir") if isinstance(old.get("run_dir"), str) else cfg.run_dir
+        for key in PATH_KEYS:
+            old[key], new[key] = _where(old.get(key), old_root), _where(new.get(key), cfg.run_dir)
         # slurm.* says where and how long a job runs, not what it trains: a resubmission may change it
-        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not k.startswith("slurm."))
+        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k != "run_dir"
+                      and not k.startswith("slurm."))
         if diff:
             p.append(f"run_dir {cfg.run_dir!r} holds a different run's config (differs in: {', '.join(diff)}); "
                      f"choose a new run_dir, or use the config saved there ({saved}) to resume that run")
