@@ -44,8 +44,9 @@ def unsupported(cfg: RunConfig, tag: str, written: int, world: int) -> list[str]
     """Why this run's checkpoint cannot move from ``written`` to ``world`` ranks (empty: it can)."""
     where = (f"checkpoint {tag} in {RunDir(cfg.run_dir).checkpoints} was written by {written} rank(s) but this "
              f"job started {world}")
-    fix = (f"resume it on {written} rank(s) (the world that wrote it: e.g. dist.nodes x dist.procs_per_node = "
-           f"{written}, or torchrun --nproc_per_node {written}), or start a new run_dir")
+    fix = (f"resume it on {written} rank(s), the world that wrote it (the same config, started on {written} "
+           f"ranks: e.g. torchrun --nproc_per_node {written}, or sbatch --nodes/--gpus-per-node for {written}), "
+           "or start a new run_dir")
     t = cfg.train
     if t.optimizer in BNB_OPTIMIZERS and cfg.zero.stage > 0:
         return [f"{where}; 'train.optimizer' = {t.optimizer!r} cannot change world size under zero.stage="
