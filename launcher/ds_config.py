@@ -88,7 +88,12 @@ TABLE: tuple[Key, ...] = (
         note="the trainer builds the optimizer and scheduler"),
     Key("scheduler", _const(None), "train.scheduler", when=lambda c: False,
         note="the trainer builds the optimizer and scheduler"),
+    # Owned, rendered only by the trainer (``also``) when it resumes a checkpoint written by another
+    # world size: DeepSpeed then loads the checkpoint's universal form (trainer/elastic.py).
+    Key("checkpoint.load_universal", _const(True), "dist.on_world_mismatch", when=lambda c: False,
+        note="the trainer sets it when it resumes a checkpoint written by a different world size"),
 )
+LOAD_UNIVERSAL = "checkpoint.load_universal"
 # DeepSpeed key -> the run-config key that owns it.
 OWNED: dict[str, str] = {k.path: k.owner for k in TABLE if k.owner}
 
@@ -107,13 +112,14 @@ def _plan(cfg: RunConfig, plan: Optional[BatchPlan]) -> BatchPlan:
     return plan or plan_batch(t.micro_batch_size, t.grad_accum, t.global_batch_size, cfg.world_size)
 
 
-def render_ds_config(cfg: RunConfig, plan: Optional[BatchPlan] = None) -> dict[str, Any]:
+def render_ds_config(cfg: RunConfig, plan: Optional[BatchPlan] = None, also: tuple[str, ...] = ()) -> dict[str, Any]:
     """The DeepSpeed config for ``cfg`` (and the batch plan of the world it runs in): every
-    table key whose condition holds, in table order."""
+    table key whose condition holds, and the table keys named in ``also`` (the trainer's
+    start-time keys, e.g. LOAD_UNIVERSAL), in table order."""
     plan = _plan(cfg, plan)
     out: dict[str, Any] = {}
     for key in TABLE:
-        if key.when(cfg):
+        if key.when(cfg) or key.path in also:
             _set(out, key.path, key.value(cfg, plan))
     return out
 
@@ -123,10 +129,11 @@ def _owner_of(key: str) -> Optional[Key]:
     return next((k for k in TABLE if k.owner and (key == k.path or key.startswith(k.path + "."))), None)
 
 
-def merge_base(base: dict[str, Any], cfg: RunConfig, plan: Optional[BatchPlan], source: str) -> dict[str, Any]:
+def merge_base(base: dict[str, Any], cfg: RunConfig, plan: Optional[BatchPlan], source: str,
+               also: tuple[str, ...] = ()) -> dict[str, Any]:
     """The rendered config with a user base JSON: base keys we do not own pass through, base values
     replace our defaults, and any owned key the base sets differently is an error (all at once)."""
-    rendered = render_ds_config(cfg, plan)
+    rendered = render_ds_config(cfg, plan, also)
     ours = flatten(rendered)
     mismatches = []
     out = copy.deepcopy(rendered)
@@ -178,8 +185,8 @@ def read_base(path_str: str) -> dict[str, Any]:
     return base
 
 
-def build_ds_config(cfg: RunConfig, plan: Optional[BatchPlan] = None) -> dict[str, Any]:
+def build_ds_config(cfg: RunConfig, plan: Optional[BatchPlan] = None, also: tuple[str, ...] = ()) -> dict[str, Any]:
     """Rendered config, merged with the user's base JSON when one is configured."""
     if cfg.zero.base_config is None:
-        return render_ds_config(cfg, plan)
-    return merge_base(read_base(cfg.zero.base_config), cfg, plan, cfg.zero.base_config)
+        return render_ds_config(cfg, plan, also)
+    return merge_base(read_base(cfg.zero.base_config), cfg, plan, cfg.zero.base_config, also)

@@ -139,7 +139,7 @@ def checkpoint_info(run_dir: Path) -> Optional[dict]:
     folder = layout.checkpoints / tag
     digits = re.sub(r"\D", "", tag)
     return {"tag": tag, "step": int(digits) if digits else None, "path": str(folder.resolve()),
-            "complete": (folder / rundir.CHECKPOINT_COMPLETE).exists()}
+            "complete": (folder / rundir.COMPLETE).exists()}
 
 
 def config_max_steps(run_dir: Path) -> Optional[int]:

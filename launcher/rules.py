@@ -688,9 +688,20 @@ def model_folder_problems(cfg: RunConfig) -> list[str]:
     return hf_config_problems(hf, where) or lora_target_problems(cfg, hf, where)
 
 
+def _where(key: str, value: Any, run_dir: str) -> Any:
+    """A path key's identity: its resolved path, or its place inside the run dir (a moved run dir
+    takes such files along). Other values are themselves."""
+    if key not in _PATH_KEYS or not isinstance(value, str):
+        return value
+    path, root = resolved_path(value), resolved_path(run_dir)
+    return ("RUN_DIR", path.relative_to(root).as_posix()) if path.is_relative_to(root) else str(path)
+
+
 def run_dir_problems(cfg: RunConfig, allow_done: bool = False) -> list[str]:
     """A run dir belongs to one run: a different config there would mix two runs. The slurm
-    section may differ (a resubmission with more time or another partition is the same run)."""
+    section may differ (a resubmission with more time or another partition is the same run), and so
+    may ``run_dir`` itself (a run dir copied or moved elsewhere is the same run); the other paths
+    count by where they resolve to."""
     run_dir = rundir.RunDir(cfg.run_dir)
     saved = run_dir.config
     p = []
@@ -705,9 +716,12 @@ def run_dir_problems(cfg: RunConfig, allow_done: bool = False) -> list[str]:
         except ConfigError:
             old = flatten(raw)
         new = flatten(to_dict(cfg))
+        old_root = old.get("run_dir") if isinstance(old.get("run_dir"), str) else cfg.run_dir
+        old = {k: _where(k, v, old_root) for k, v in old.items()}
+        new = {k: _where(k, v, cfg.run_dir) for k, v in new.items()}
         # slurm.* says where and how long a job runs, not what it trains: a resubmission may change it
         # (nor do dist.max_restarts, network, timeout_min and flight_recorder: how the job copes, not what it trains)
-        diff = sorted(k for k in old.keys() | new.keys() if not same_value(k, old.get(k), new.get(k))
+        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k != "run_dir"
                       and not k.startswith("slurm.") and k not in RESUBMIT_FREE_KEYS)
         if diff:
             p.append(f"run_dir {cfg.run_dir!r} holds a different run's config (differs in: {', '.join(diff)}); "

@@ -5,7 +5,13 @@
     RUN_DIR/finetune.sh         the batch script          RUN_DIR/hostfile   for `launcher run --nnodes N`
     RUN_DIR/world.json          every rank's view of the world
     RUN_DIR/metrics.jsonl, tb/  scalars (rank 0)          RUN_DIR/loss_curve.png
-    RUN_DIR/checkpoints/        DeepSpeed checkpoints, `latest`, best/
+    RUN_DIR/checkpoints/        DeepSpeed checkpoints, `latest`, best/ (each a checkpoint folder:)
+        stepNNNNNNNN/           one checkpoint (DeepSpeed's files), tagged by its optimizer step
+        stepNNNNNNNN/rng_rank{r}.pt   rank r's RNG state
+        stepNNNNNNNN/COMPLETE   written last: the step and the world size that wrote it
+        stepNNNNNNNN/universal/ DeepSpeed's universal form, converted once when another world size resumes
+                                it (its own COMPLETE is written last); latest_universal names it;
+                                universal.failed holds a failed conversion's error
     RUN_DIR/eval/stepNNNNNNNN/  classification reports
     RUN_DIR/export/, adapter/   the exported model / peft adapter
     RUN_DIR/STOP                checkpoint at the next step and exit    RUN_DIR/DONE   the run finished
@@ -37,10 +43,17 @@ EXPORT = "export"
 ADAPTER = "adapter"
 STOP = "STOP"
 DONE = "DONE"
+# inside a checkpoint folder (RUN_DIR/checkpoints or RUN_DIR/checkpoints/best)
+LATEST = "latest"  # DeepSpeed's name: the tag of the newest complete checkpoint
+STEP_TAG = "step{step:08d}"
+COMPLETE = "COMPLETE"
+RNG = "rng_rank{rank}.pt"
+UNIVERSAL = "universal"
+UNIVERSAL_OPTIMIZER_STATE = "zero/optimizer_state.pt"  # DeepSpeed's, inside universal/: the param groups
+UNIVERSAL_FAILED = "universal.failed"  # rank 0's conversion error, for the ranks that wait on it
+LATEST_UNIVERSAL = "latest_universal"  # DeepSpeed's name (ds_to_universal writes it beside its output)
 SLURM_OUT = "slurm-%j.out"  # Slurm filename patterns (%j = job id)
 SLURM_ERR = "slurm-%j.err"
-LATEST = "latest"  # checkpoints/latest names the newest complete checkpoint (DeepSpeed's own file)
-CHECKPOINT_COMPLETE = "COMPLETE"  # in checkpoints/<tag>/ once every rank wrote it
 JOBS = "jobs.jsonl"
 CANCEL = "CANCEL"
 FLIGHT_RECORDER = "flight_recorder"
@@ -95,4 +108,4 @@ class RunDir:
         return self.root / f"{USER_ERROR}.{job_id}"
 
     def eval_report(self, step: int) -> Path:
-        return self.root / EVAL / f"step{step:08d}"
+        return self.root / EVAL / STEP_TAG.format(step=step)

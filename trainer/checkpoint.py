@@ -1,22 +1,31 @@
 """Checkpoints (engine.save_checkpoint on every rank + our client state) and the final export.
 
-A checkpoint becomes ``latest`` only after every rank has finished writing it; the oldest
-complete ones beyond ``keep_last`` are pruned. ``latest`` has DeepSpeed's own name and format,
-so DeepSpeed's tools (zero_to_fp32.py) work on our checkpoints too.
+A checkpoint becomes ``latest`` only after every rank has finished writing it: its ``COMPLETE``
+record, written last, names the step and the world size that wrote it. The oldest complete ones
+beyond ``keep_last`` are pruned. ``latest`` has DeepSpeed's own name and format, so DeepSpeed's
+tools (zero_to_fp32.py, ds_to_universal.py) work on our checkpoints too. A run resumed by another
+world size loads the checkpoint's universal form (:func:`ensure_universal`; the decision is in
+trainer/elastic.py).
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Optional
 
-COMPLETE = "COMPLETE"
+from launcher import rundir
+
+
+class ConversionError(RuntimeError):
+    """DeepSpeed's ds_to_universal failed on a checkpoint (raised on every rank)."""
 
 
 def tag_for(step: int) -> str:
-    return f"step{step:08d}"
+    return rundir.STEP_TAG.format(step=step)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -40,6 +49,18 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def seed_rng(seed: int, step: int, rank: int) -> None:
+    """python / numpy / torch (and CUDA) RNGs seeded from (run seed, step, rank): distinct per rank,
+    the same for every resume of this step on this world."""
+    import numpy as np
+    import torch
+
+    s = ((seed * 1_000_003 + step) * 10_007 + rank) % 2**32
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)  # seeds every CUDA device too
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -47,15 +68,28 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def complete_tags(ckpt_dir: Path) -> list[str]:
-    return sorted(p.name for p in ckpt_dir.glob("step*") if (p / COMPLETE).exists())
+    return sorted(p.name for p in ckpt_dir.glob("step*") if (p / rundir.COMPLETE).exists())
 
 
 def latest_tag(ckpt_dir: Path) -> Optional[str]:
-    f = ckpt_dir / "latest"
+    f = ckpt_dir / rundir.LATEST
     if not f.exists():
         return None
     tag = f.read_text().strip()
-    return tag if (ckpt_dir / tag / COMPLETE).exists() else None
+    return tag if (ckpt_dir / tag / rundir.COMPLETE).exists() else None
+
+
+def written_world(step_dir: Path) -> Optional[int]:
+    """How many ranks wrote a complete checkpoint: its COMPLETE record; for a checkpoint written
+    before the record named it, the number of DeepSpeed's per-rank optimizer shards (None when there
+    are none: ZeRO-0 does not partition, its files fit any world)."""
+    try:
+        record = json.loads((step_dir / rundir.COMPLETE).read_text())
+    except (OSError, ValueError):
+        record = None
+    if isinstance(record, dict) and isinstance(record.get("world_size"), int):
+        return record["world_size"]
+    return len(list(step_dir.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))) or None
 
 
 def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], keep_last: int, rank: int) -> str:
@@ -64,31 +98,126 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], keep_l
 
     tag = tag_for(step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
+    torch.save(_rng_state(), ckpt_dir / tag / rundir.RNG.format(rank=rank))
     dist.barrier()  # every rank's shards are on disk
     if rank == 0:
-        (ckpt_dir / tag / COMPLETE).write_text(str(step))
-        _atomic_write(ckpt_dir / "latest", tag)
+        record = {"step": step, "world_size": dist.get_world_size(), "plan": client_state.get("plan")}
+        (ckpt_dir / tag / rundir.COMPLETE).write_text(json.dumps(record) + "\n")
+        _atomic_write(ckpt_dir / rundir.LATEST, tag)
         for old in complete_tags(ckpt_dir)[:-keep_last]:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
     dist.barrier()
     return tag
 
 
-def resume(engine, ckpt_dir: Path, rank: int) -> Optional[dict[str, Any]]:
-    """Load ``latest`` if there is one; returns its client state (or None for a fresh run)."""
+def resume(engine, ckpt_dir: Path, rank: int, seed: Optional[int] = None) -> Optional[dict[str, Any]]:
+    """Load ``latest`` if there is one; returns its client state and ``tag`` (or None for a fresh run).
+
+    An engine configured with ``checkpoint.load_universal`` (a resume on another world size, see
+    trainer/elastic.py) loads the checkpoint's universal form, converted first if it is not there yet.
+    RNG: when this world size wrote the checkpoint, each rank restores its own ``rng_rank{r}.pt``
+    (an exact continuation). In another world rank r has no counterpart (its data shard changed too),
+    so no file is read: with ``seed`` given, every rank seeds its RNGs from (seed, step, rank) --
+    distinct per rank, and the same for every resume of this step on this world.
+    """
     import torch
+    import torch.distributed as dist
 
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
-    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    universal = engine.load_universal_checkpoint()
+    load_dir, load_tag = (ckpt_dir / tag, ensure_universal(ckpt_dir / tag).name) if universal else (ckpt_dir, tag)
+    path, client_state = engine.load_checkpoint(str(load_dir), tag=load_tag)
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
-    rng = ckpt_dir / tag / f"rng_rank{rank}.pt"
-    if rng.exists():
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {load_dir / load_tag}")
+    if universal and engine.zero_optimization_stage() == 3:
+        _repair_universal_load(engine, load_dir / load_tag)
+    state = dict(client_state or {}, tag=tag)
+    rng = ckpt_dir / tag / rundir.RNG.format(rank=rank)
+    if written_world(ckpt_dir / tag) in (None, dist.get_world_size()) and rng.exists():
         _set_rng_state(torch.load(rng, weights_only=False))
-    return dict(client_state or {}, tag=tag)
+    elif seed is not None:
+        seed_rng(seed, int(state.get("step", 0)), rank)
+    return state
+
+
+def ensure_universal(step_dir: Path, poll_s: float = 0.5) -> Path:
+    """STEP/universal: the checkpoint in DeepSpeed's universal form. Rank 0 converts it once with
+    DeepSpeed's ds_to_universal into ``universal.tmp``, writes COMPLETE in it last and
+    renames it; a folder without COMPLETE is never used (a crash mid-way leaves only the .tmp, which the
+    next attempt removes). The other ranks wait for the folder on the shared filesystem (no collective,
+    so a long conversion meets no communication timeout). A failure raises ConversionError everywhere."""
+    import torch.distributed as dist
+
+    out = step_dir / rundir.UNIVERSAL
+    failed = step_dir / rundir.UNIVERSAL_FAILED
+    convert = dist.get_rank() == 0 and not (out / rundir.COMPLETE).exists()
+    if convert:
+        failed.unlink(missing_ok=True)  # an earlier attempt's error
+    dist.barrier()
+    if convert:
+        try:
+            _convert(step_dir, out)
+        except Exception as e:  # noqa: BLE001 -- every rank must learn the outcome, whatever it was
+            failed.write_text(str(e) if isinstance(e, ConversionError) else f"{type(e).__name__}: {e}")
+    while not (out / rundir.COMPLETE).exists() and not failed.exists():
+        time.sleep(poll_s)
+    dist.barrier()
+    if failed.exists():
+        raise ConversionError(failed.read_text())
+    return out
+
+
+def _convert(step_dir: Path, out: Path) -> None:
+    """DeepSpeed's ds_to_universal STEP -> OUT (via OUT.tmp), in this process and serially: no
+    interpreter start (about 4 s on a CPU) and no worker processes forked from a rank that holds a
+    process group. ``inject_missing_state``: a ZeRO-1/2 checkpoint of a plain (not Megatron) model
+    carries no universal-checkpoint info; DeepSpeed's own flag adds the default."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)  # a folder without COMPLETE is not trusted
+    args = argparse.Namespace(input_folder=str(step_dir), output_folder=str(tmp), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    log = io.StringIO()
+    t0 = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            ds_to_universal.main(args)
+    except Exception as e:  # DeepSpeed validates with assert and raises what it meets
+        raise ConversionError(f"DeepSpeed's ds_to_universal failed on {step_dir}: {type(e).__name__}: {e}") from e
+    record = {"from": step_dir.name, "written_world": written_world(step_dir),
+              "seconds": round(time.perf_counter() - t0, 2)}
+    (tmp / rundir.COMPLETE).write_text(json.dumps(record) + "\n")
+    os.replace(tmp, out)
+    _atomic_write(step_dir / rundir.LATEST_UNIVERSAL, out.name)  # DeepSpeed's pointer, now to the final name
+
+
+def _repair_universal_load(engine, universal_dir: Path) -> None:
+    """What a same-world load restores and DeepSpeed 0.19.8's ZeRO-3 universal load does not
+    (stage3.py, load_hp_checkpoint_state_from_checkpoint_dir_stage3; measured: step k+2's loss off by
+    1e-4 to 1e-3 without this): each parameter group's own hyperparameters (it gives every group the
+    first group's lr and weight_decay, and our name and depth), and one step counter per group (it
+    hands every group the same step tensor, which torch's AdamW then advances once per group, so the
+    bias correction runs ahead). ZeRO-1/2 loads are left as they are (already right)."""
+    import torch
+
+    saved = torch.load(universal_dir / rundir.UNIVERSAL_OPTIMIZER_STATE, map_location="cpu", mmap=True,
+                       weights_only=False)["param_groups"]
+    groups = engine.optimizer.param_groups
+    if len(saved) == len(groups):
+        for group, old in zip(groups, saved):
+            group.update({k: v for k, v in old.items() if k != "params"})
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for state in base.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def full_state_dict(engine, stage: int) -> Optional[dict]:

@@ -56,9 +56,10 @@ def run(cfg: RunConfig, world) -> dict:
     import deepspeed
     from transformers import set_seed
 
-    from launcher.ds_config import build_ds_config
+    from launcher.ds_config import LOAD_UNIVERSAL, build_ds_config
     from trainer import checkpoint
     from trainer.early_stop import EarlyStopping
+    from trainer.elastic import plan_resume
     from trainer.finish import finish
     from trainer.loop import Run, train
     from trainer.methods import apply_method, check_method_device, load_kwargs
@@ -81,7 +82,8 @@ def run(cfg: RunConfig, world) -> dict:
     t = cfg.train
     plan, note = fit_world(plan_batch(t.micro_batch_size, t.grad_accum, t.global_batch_size, cfg.world_size),
                            world.world_size, cfg.dist.on_world_mismatch)
-    ds_config = build_ds_config(cfg, plan)
+    resume = plan_resume(cfg, world)  # another world: refused, or converted to DeepSpeed's universal form
+    ds_config = build_ds_config(cfg, plan, also=(LOAD_UNIVERSAL,) if resume.universal else ())
 
     set_seed(cfg.seed)
     tok = load_tokenizer(cfg.model)
@@ -101,13 +103,15 @@ def run(cfg: RunConfig, world) -> dict:
     write_run_files(cfg, world, ds_config, [
         f"world {world.world_size} ranks; global batch {plan.global_batch_size} = micro {plan.micro_batch_size} "
         f"x accum {plan.grad_accum} x world {plan.world_size}; {total_steps} steps; params {n_params:,} "
-        f"({n_trainable:,} trainable)", method.summary(), *method.notes] + ([f"NOTE: {note}"] if note else []))
+        f"({n_trainable:,} trainable)", method.summary(), *method.notes,
+        *[f"NOTE: {n}" for n in (note, resume.note) if n]])
 
     ckpt_dir = run_dir.checkpoints
-    state = checkpoint.resume(engine, ckpt_dir, world.rank) if cfg.checkpoint.resume else None
+    state = checkpoint.resume(engine, ckpt_dir, world.rank, cfg.seed) if resume.tag else None
     start_step = int(state["step"]) if state else 0
     if state and world.is_main:
-        print(f"resumed from {ckpt_dir / state['tag']} at step {start_step}", flush=True)
+        how = f" (written by {resume.written_world} ranks; its universal form)" if resume.universal else ""
+        print(f"resumed from {ckpt_dir / state['tag']} at step {start_step}{how}", flush=True)
     es = cfg.task.early_stopping
     best = EarlyStopping.from_config(es, (state or {}).get("early_stopping")) if es is not None else None
     monitor = Monitor(run_dir.root, world.is_main, cfg.logging.tensorboard)
@@ -141,6 +145,7 @@ def run(cfg: RunConfig, world) -> dict:
 def write_run_files(cfg: RunConfig, world, ds_config: dict, lines: list[str]) -> None:
     """Rank 0 writes config.yaml (once), the DeepSpeed config this world uses, world.json; prints the plan."""
     import torch.distributed as dist
+    import yaml
 
     from trainer.dist import world_info
 
@@ -149,7 +154,8 @@ def write_run_files(cfg: RunConfig, world, ds_config: dict, lines: list[str]) ->
     run_dir = RunDir(cfg.run_dir)
     if world.is_main:
         run_dir.root.mkdir(parents=True, exist_ok=True)
-        if not run_dir.config.exists():
+        saved = yaml.safe_load(run_dir.config.read_text()) if run_dir.config.exists() else {}
+        if Path(saved.get("run_dir", "")).resolve() != run_dir.root.resolve():  # a new run, or a moved run dir
             run_dir.config.write_text(to_yaml(cfg))
         used = {GENERATED_KEY: "trainer/main.py at start: the DeepSpeed config of the world this run woke up in",
                 **ds_config}
