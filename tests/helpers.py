@@ -80,6 +80,8 @@ def tiny_config(run_dir: Path, train_file: Path, **sections: Any) -> dict[str, A
             node[parts[-1]] = {**node[parts[-1]], **value}
         else:
             node[parts[-1]] = value
+    if "global_batch_size" in cfg["train"] and "grad_accum" not in sections.get("train", {}):
+        del cfg["train"]["grad_accum"]  # derived from the global batch (giving both is refused)
     return copy.deepcopy(cfg)
 
 
