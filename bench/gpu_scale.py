@@ -412,7 +412,8 @@ def main() -> None:
     p.add_argument("--out", required=True, help="folder for results.json, results.md and the arms' run dirs")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: the script end to end")
     p.add_argument("--parts", default="a,b,c")
-    p.add_argument("--budget-s", type=float, default=540, help="stop starting arms after this many seconds")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="stop starting arms after this many seconds (default 540; smoke 3600)")
     p.add_argument("--arm")
     p.add_argument("--spec")
     args = p.parse_args()
@@ -422,6 +423,7 @@ def main() -> None:
         (out / "arm.json").write_text(json.dumps(res, indent=1, default=str))
         return
     mode = "smoke" if args.smoke else "real"
+    args.budget_s = args.budget_s or (3600 if args.smoke else 540)
     out.mkdir(parents=True, exist_ok=True)
     data = out / "docs.jsonl"
     write_docs(data, PLANS[mode]["tokens"], PLANS[mode]["doc_tokens"])
@@ -438,19 +440,20 @@ def main() -> None:
             row["status"] = f"skipped: the {args.budget_s:.0f} s budget is spent"
         else:
             t0 = time.perf_counter()
+            log = arm_dir / "log.txt"
             try:
-                proc = subprocess.run([sys.executable, __file__, "--arm", arm, "--spec", json.dumps(spec), "--out",
-                                       str(arm_dir)], env=env, capture_output=True, text=True,
-                                      timeout=min(ARM_TIMEOUT_S[part], left))
-                (arm_dir / "log.txt").write_text(proc.stdout + proc.stderr)
+                with log.open("w") as f:
+                    proc = subprocess.run([sys.executable, __file__, "--arm", arm, "--spec", json.dumps(spec), "--out",
+                                           str(arm_dir)], env=env, stdout=f, stderr=subprocess.STDOUT,
+                                          timeout=min(ARM_TIMEOUT_S[part] * (4 if args.smoke else 1), left))
                 if proc.returncode == 0:
                     row.update(json.loads((arm_dir / "arm.json").read_text()))
                 else:
                     killed = " (killed: out of host memory?)" if proc.returncode in (-9, 137) else ""
-                    row["status"] = f"failed, exit {proc.returncode}{killed}: " + (proc.stderr.strip().splitlines()
-                                                                                 or ["no output"])[-1][:300]
+                    row["status"] = f"failed, exit {proc.returncode}{killed}: " + (
+                        log.read_text().strip().splitlines() or ["no output"])[-1][:300]
             except subprocess.TimeoutExpired:
-                row["status"] = "timed out"
+                row["status"] = f"timed out (log: {log})"
             row["wall_s"] = round(time.perf_counter() - t0, 1)
         results["arms"].append(row)
         print(f"[{time.perf_counter() - start:5.0f} s] ({part}) {label}: {row['status']}"

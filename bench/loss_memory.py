@@ -1,6 +1,6 @@
 """Benchmark (not a test): peak memory of the causal-LM loss step, plain vs chunked.
 
-    python bench/loss_memory.py [--vocab 128256] [--seq 512] [--micro 2] [--hidden 256] [--dtype fp32]
+    python bench/loss_memory.py [--vocab 128256] [--seq 2048] [--micro 1] [--hidden 256] [--dtype fp32]
 
 One forward + backward of a random-init Llama (Llama-3's vocabulary by default) with the trainer's
 loss (trainer/tasks.py CausalLM), on the CPU: peak bytes of every tensor created in the step
@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--vocab", type=int, default=128256)
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--micro", type=int, default=2)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--micro", type=int, default=1)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])

@@ -10,7 +10,7 @@ def document_losses(cfg, world) -> dict:
     import deepspeed
     import torch
     import torch.nn.functional as F
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from launcher.batch import plan_batch
     from launcher.ds_config import build_ds_config
@@ -18,7 +18,7 @@ def document_losses(cfg, world) -> dict:
     from trainer.encode import CausalLMEncoder
     from trainer.tasks import CausalLM
 
-    tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer)
+    tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.name_or_path)
     d = cfg.data
     split = D.tokenize(D.load_rows(d.train), CausalLMEncoder(tok, d), True, d.max_length, "probe")
     rows = split.rows
@@ -28,10 +28,7 @@ def document_losses(cfg, world) -> dict:
         "stage": 3, "param_persistence_threshold": 0})}), plan)
     out: dict = {"blocks": len(blocks), "docs_per_row": [len(rows.blocks[i]) for i in blocks]}
     for attn in ("sdpa", "eager"):
-        m = dict(cfg.model.config)
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(m.pop("model_type"), **m),
-                                                 attn_implementation=attn)
+        model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, attn_implementation=attn)
         engine, *_ = deepspeed.initialize(model=model, config=ds_config)
         partitioned = all(p.numel() == 0 for p in engine.module.model.layers.parameters())
         task = CausalLM(0, d.max_length)

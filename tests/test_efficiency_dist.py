@@ -14,7 +14,8 @@ import json
 
 import pytest
 
-from helpers import TOKENIZER, arith_rows, assert_curves_close, launch, losses, result, tiny_config, write_jsonl
+from helpers import (TOKENIZER, arith_rows, assert_curves_close, launch, losses, result, save_tiny_pretrained,
+                     tiny_config, write_jsonl)
 
 Z3 = {"stage": 3, "param_persistence_threshold": 0}
 MAX_LENGTH = 96
@@ -43,15 +44,16 @@ def rows_and_blocks(tmp, n: int):
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eff")
     docs_file, n_docs, n_rows = rows_and_blocks(tmp, 64)
+    base = save_tiny_pretrained(tmp / "base")  # the same initial weights under ZeRO-2 and ZeRO-3
     train = write_jsonl(tmp / "train.jsonl", arith_rows(192, seed=12))
     data = {"max_length": MAX_LENGTH}
     whole = {"max_steps": 3, "lr": 1e-2}
     sc = [
         {"name": "packed", "probe": "probes_efficiency:document_losses", "config": tiny_config(
-            tmp / "packed", docs_file, data={**data, "packing": True}, zero=Z3,
+            tmp / "packed", docs_file, model=base, data={**data, "packing": True}, zero=Z3,
             train={**whole, "micro_batch_size": n_rows // 2, "loss_chunk_tokens": 40})},
         {"name": "unpacked", "config": tiny_config(
-            tmp / "unpacked", docs_file, data=data, train={**whole, "micro_batch_size": n_docs // 2,
+            tmp / "unpacked", docs_file, model=base, data=data, train={**whole, "micro_batch_size": n_docs // 2,
                                                            "loss_chunk_tokens": 0})},
     ]
     for kind, extra in (("packed", {"packing": True}), ("grouped", {"group_by_length": True})):

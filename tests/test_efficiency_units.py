@@ -89,6 +89,22 @@ def test_chunked_loss_equals_plain_under_every_peft_method(name, tmp_path):
     assert rel <= 1e-6 and grad <= 1e-6, (rel, grad)  # measured: rel <= 2e-7, grad <= 3e-8
 
 
+def test_flattened_packed_rows_carry_varlen_boundaries_and_give_the_same_loss():
+    """flash-attention-2's input (the micro-batch as one row, document boundaries as cumulative
+    lengths): on sdpa the same position ids mask the same documents, so the loss must not move."""
+    model = tiny_llama()
+    batch = batches()["packed"]  # row 0: documents of 11, 7, 5 tokens (+2 padding); row 1: 16, 9
+    rows, flat = CausalLM(8, 32), CausalLM(8, 32)
+    rows.bind(model)
+    flat.bind(model)
+    flat.flatten = True
+    inputs, labels = flat.inputs(batch, "cpu")
+    assert inputs["input_ids"].shape == labels.shape == (1, 50)
+    assert inputs["cu_seq_lens_q"].tolist() == [0, 11, 18, 23, 25, 41, 50] and inputs["max_length_q"] == 16
+    a, b = rows.loss_sum(model, batch, "cpu"), flat.loss_sum(model, batch, "cpu")
+    assert abs(a - b) <= 1e-6 * a, (a, b)
+
+
 def test_chunked_loss_never_builds_the_full_logits():
     """The model's own head call gets an empty slice; every other head call (forward and its
     recomputation in backward) sees at most one chunk of target positions."""

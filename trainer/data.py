@@ -327,21 +327,25 @@ class Order:
 
 class Prefetch:
     """Assembles the next step's micro-batches on a background thread while this step computes
-    (the batches are a pure function of the step, so this changes nothing but the wall time)."""
+    (the batches are a pure function of the step, so this changes nothing but the wall time).
+    ``background=False``: each step's batches are made when asked for."""
 
-    def __init__(self, make):
+    def __init__(self, make, background: bool = True):
         from concurrent.futures import ThreadPoolExecutor
 
-        self.make, self.pool, self.pending = make, ThreadPoolExecutor(1, thread_name_prefix="prefetch"), None
+        self.make, self.pending = make, None
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if background else None
 
     def get(self, step: int, next_step: Optional[int]):
         ready = self.pending is not None and self.pending[0] == step
         batches = self.pending[1].result() if ready else self.make(step)
-        self.pending = (next_step, self.pool.submit(self.make, next_step)) if next_step is not None else None
+        if self.pool is not None and next_step is not None:
+            self.pending = (next_step, self.pool.submit(self.make, next_step))
         return batches
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
 
 
 def rank_order(n: int, world: int, rank: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:

@@ -81,7 +81,13 @@ def train(run: Run, start_step: int) -> str:
     cfg, w, engine, plan, rows = run.cfg, run.world, run.engine, run.plan, run.train_ds
     order = D.Order(len(rows), w.world_size, plan.micro_batch_size, plan.grad_accum, cfg.seed,
                     rows.lengths if cfg.data.group_by_length else None)
-    prefetch = D.Prefetch(lambda s: [D.fetch(rows, idx, run.pad_id) for idx in order.windows(s)[w.rank]])
+    def batches_of(s: int) -> list[dict]:  # in pinned memory on a GPU: copies to it need not wait for it
+        out = [D.fetch(rows, idx, run.pad_id) for idx in order.windows(s)[w.rank]]
+        return [{k: v.pin_memory() for k, v in b.items()} for b in out] if w.is_cuda else out
+
+    # On a GPU the host waits for the device: the next step's batches are assembled meanwhile. On a CPU
+    # the compute already has every core; a second thread would only take turns with it.
+    prefetch = D.Prefetch(batches_of, background=w.is_cuda)
     bar = tqdm(total=run.total_steps, initial=start_step, desc="train", dynamic_ncols=True,
                disable=not (w.is_main and cfg.logging.progress_bar))
     engine.train()

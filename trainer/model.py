@@ -86,7 +86,8 @@ def load_tokenizer(m: ModelConfig):
 
 def build_model(m: ModelConfig, ds_config: dict[str, Any], dtype: str, task, load_kwargs=None):
     """Returns (model, hf_ds_config_handle). Under ZeRO-3, from_pretrained loads straight into
-    partitions (transformers' HfDeepSpeedConfig must stay alive while the model exists).
+    partitions, and a from-scratch model is built in partitions (zero.Init: an 8B model never exists
+    whole on one rank); transformers' HfDeepSpeedConfig must stay alive while the model exists.
     ``task`` (trainer/tasks.py) picks the Auto class and the labels (num_labels, id2label,
     label2id: saved in the model config)."""
     from transformers import AutoConfig
@@ -95,7 +96,7 @@ def build_model(m: ModelConfig, ds_config: dict[str, Any], dtype: str, task, loa
     labels = task.model_kwargs()
 
     handle = None
-    if ds_config["zero_optimization"]["stage"] == 3 and m.name_or_path is not None:
+    if ds_config["zero_optimization"]["stage"] == 3:
         from transformers.integrations import HfDeepSpeedConfig
 
         handle = HfDeepSpeedConfig(ds_config)

@@ -123,7 +123,7 @@ def chunked_ce_sum(head, hidden, targets, n_chunks: int):
     """sum_i CE(head(hidden_i), targets_i) over the rows of ``hidden`` (N x H), in ``n_chunks`` parts:
     each part's logits (at most ceil(N / n_chunks) x vocab, in the head's dtype and once in fp32)
     exist only while that part is computed, and again while its backward runs (recomputed under
-    torch.utils.checkpoint). The head is called as a module each time, so ZeRO-3 gathers it; every
+    torch.utils.checkpoint; a single chunk is kept for backward instead, like the plain loss). The head is called as a module each time, so ZeRO-3 gathers it; every
     rank must pass the same ``n_chunks`` (the same number of gathers)."""
     import torch
     import torch.nn.functional as F
@@ -132,10 +132,17 @@ def chunked_ce_sum(head, hidden, targets, n_chunks: int):
     def ce(h, y):
         return F.cross_entropy(head(h).float(), y, reduction="sum")
 
-    grad = torch.is_grad_enabled()
+    grad = torch.is_grad_enabled() and n_chunks > 1  # one chunk: recomputing it would save nothing
     parts = [checkpoint(ce, h, y, use_reentrant=False) if grad else ce(h, y)
              for h, y in zip(hidden.tensor_split(n_chunks), targets.tensor_split(n_chunks))]
     return torch.stack(parts).sum()
+
+
+def cu_seqlens(starts, total: int):
+    """Cumulative sequence lengths for flash-attention's varlen kernels: the starts, then the total."""
+    import torch
+
+    return torch.cat([starts, torch.tensor([total])]).to(torch.int32)
 
 
 class CausalLM:
@@ -183,17 +190,29 @@ class CausalLM:
         return target_tokens(batch)
 
     def inputs(self, batch: dict, device: str) -> tuple[dict, Any]:
-        """Model inputs and labels. Packed rows go without an attention mask and with position ids, from
-        which transformers masks every document off from the others (sdpa / eager: a block mask;
-        flash-attention-2: varlen kernels, for which the micro-batch becomes one row). And without a
-        KV cache: with one (use_cache defaults to true) transformers skips that detection."""
-        ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+        """Model inputs and labels (on the device; copies from pinned memory do not wait for it).
+        Packed rows go without an attention mask and with position ids, from which transformers
+        masks every document off from the others (sdpa / eager: a block mask), and without a KV cache
+        (with one, use_cache's default, transformers skips that detection). With flash-attention-2 the
+        micro-batch becomes one row and the document boundaries go in as the varlen kernels'
+        cumulative lengths, computed here on the host (transformers would read them off the device
+        in every layer)."""
+        def dev(t):
+            return t.to(device, non_blocking=True)
+
         if "position_ids" not in batch:
-            return {"input_ids": ids, "attention_mask": batch["attention_mask"].to(device)}, labels
-        pos = batch["position_ids"].to(device)
+            return {"input_ids": dev(batch["input_ids"]), "attention_mask": dev(batch["attention_mask"])}, \
+                dev(batch["labels"])
+        ids, pos, labels = batch["input_ids"], batch["position_ids"], batch["labels"]
+        extra: dict = {}
         if self.flatten:
             ids, pos, labels = ids.reshape(1, -1), pos.reshape(1, -1), labels.reshape(1, -1)
-        return {"input_ids": ids, "position_ids": pos, "use_cache": False}, labels
+            starts = (pos[0] == 0).nonzero().reshape(-1)
+            cu = cu_seqlens(starts, pos.shape[1])
+            longest = int((cu[1:] - cu[:-1]).max())
+            extra = {"cu_seq_lens_q": dev(cu), "cu_seq_lens_k": dev(cu), "max_length_q": longest,
+                     "max_length_k": longest}
+        return {"input_ids": dev(ids), "position_ids": dev(pos), "use_cache": False, **extra}, dev(labels)
 
     def loss_sum(self, engine, batch: dict, device: str):
         """Summed next-token cross-entropy over target tokens (normalised by the caller)."""
@@ -207,6 +226,10 @@ class CausalLM:
             logits = engine(**inputs).logits[:, :-1].float()
             return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
                                    ignore_index=IGNORE, reduction="sum")
+        # Which positions have a target, found on the host (a boolean index on the device would wait for it).
+        host = batch["labels"].reshape(labels.shape)[:, 1:]
+        rows, cols = (host != IGNORE).nonzero(as_tuple=True)
+        where, targets = rows * labels.shape[1] + cols, host[rows, cols]
         self.head.armed = True
         try:
             engine(**inputs)
@@ -214,11 +237,10 @@ class CausalLM:
             self.head.armed = False
         hidden, self.head.hidden = self.head.hidden, None
         hidden = hidden[:, hidden.shape[1] - labels.shape[1]:]  # prompt tuning: drop the virtual tokens
-        target = labels[:, 1:]
-        keep = target != IGNORE
+        picked = hidden.flatten(0, 1).index_select(0, where.to(device, non_blocking=True))
         # The same number of chunks on every rank and step (ZeRO-3 gathers the head once per chunk).
         n_chunks = -(-batch["input_ids"].shape[0] * self.max_length // self.chunk_tokens)
-        return chunked_ce_sum(self.head.head, hidden[:, :-1][keep], target[keep], n_chunks)
+        return chunked_ce_sum(self.head.head, picked, targets.to(device, non_blocking=True), n_chunks)
 
     def eval_step(self, engine, batch: dict, indices: list[int], device: str):
         return self.loss_sum(engine, batch, device), []
