@@ -175,7 +175,8 @@ class CausalLM:
         if self.chunk_tokens and kind in CHUNKABLE_MODEL_TYPES and base.get_output_embeddings() is not None:
             self.head = HeadInput(base.get_output_embeddings())
             self.loss_kind = "chunked"
-            how = f"chunked cross-entropy ({self.chunk_tokens} target tokens per chunk, recomputed in backward)"
+            how = (f"chunked cross-entropy (logits of at most {self.chunk_tokens} target tokens at a time, "
+                   "recomputed in backward)")
         elif self.chunk_tokens:
             how = (f"plain cross-entropy over the full logits (model type {kind!r} post-processes its logits, so "
                    "train.loss_chunk_tokens does not apply)")
