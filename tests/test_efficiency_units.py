@@ -210,3 +210,18 @@ def test_liger_and_flash_attention_are_refused_on_a_cpu():
     text = "\n".join(e.value.problems)
     assert "'model.liger' = true needs a CUDA GPU" in text and "set model.liger=false" in text
     assert "'model.attn_implementation' = 'flash_attention_2' needs a CUDA GPU" in text
+
+
+def test_the_default_sdpa_falls_back_to_eager_where_an_architecture_has_no_sdpa():
+    from launcher.config import ModelConfig
+    from trainer.model import build_model, model_facts
+
+    shape = {"vocab_size": 64, "n_embd": 16, "n_layer": 1, "n_head": 2, "n_positions": 32, "rotary_dim": 4}
+    model, _ = build_model(ModelConfig(config={"model_type": "codegen", **shape}, tokenizer="x"),
+                           {"zero_optimization": {"stage": 2}}, "fp32", CausalLM())
+    assert model_facts(model) == {"attn_implementation": "eager", "liger": []}
+    model, _ = build_model(ModelConfig(config={"model_type": "llama", "vocab_size": 64, "hidden_size": 16,
+                                               "intermediate_size": 32, "num_hidden_layers": 1,
+                                               "num_attention_heads": 2}, tokenizer="x"),
+                           {"zero_optimization": {"stage": 2}}, "fp32", CausalLM())
+    assert model_facts(model)["attn_implementation"] == "sdpa"

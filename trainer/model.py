@@ -47,7 +47,11 @@ def apply_liger(model, zero_stage: int) -> list[str]:
     The fused loss reads the head's weight inside the model's forward, outside the head's own call,
     so under ZeRO-3 the weight is registered as an external parameter of the model (gathered for
     its forward and backward)."""
-    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError as e:
+        raise ModelError(f"'model.liger' = true but liger-kernel cannot be imported ({e}); pip install -e '.[gpu]' "
+                         "on the GPU nodes, or set model.liger=false") from None
 
     _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                     fused_linear_cross_entropy=True)
@@ -104,16 +108,27 @@ def build_model(m: ModelConfig, ds_config: dict[str, Any], dtype: str, task, loa
         if not Path(m.name_or_path).is_dir():
             raise ModelError(f"'model.name_or_path' = {m.name_or_path!r} is not a local folder; models load "
                              "offline here, so point it at a save_pretrained folder")
-        # load_kwargs: a method's extra arguments (trainer/methods.py; QLoRA's 4-bit quantization)
-        model = auto.from_pretrained(m.name_or_path, dtype=torch_dtype(dtype), attn_implementation=m.attn_implementation,
-                                     **labels, **(load_kwargs or {}))
+
+        def create(attn: str):  # load_kwargs: a method's extra arguments (trainer/methods.py; QLoRA's 4-bit)
+            return auto.from_pretrained(m.name_or_path, dtype=torch_dtype(dtype), attn_implementation=attn,
+                                        **labels, **(load_kwargs or {}))
     else:
         cfg = dict(m.config)
         model_type = cfg.pop("model_type", None)
         if model_type is None:
             raise ModelError("'model.config' needs a 'model_type' (e.g. llama); see examples/tiny-sft.yaml")
-        model = auto.from_config(AutoConfig.for_model(model_type, **{**cfg, **labels}),
-                                 attn_implementation=m.attn_implementation)
+
+        def create(attn: str):
+            return auto.from_config(AutoConfig.for_model(model_type, **{**cfg, **labels}), attn_implementation=attn)
+    try:
+        model = create(m.attn_implementation)
+    except ValueError as e:  # transformers: this architecture has no such attention implementation
+        if m.attn_implementation == "eager" or "attention" not in str(e).lower():
+            raise
+        if m.attn_implementation != "sdpa":
+            raise ModelError(f"'model.attn_implementation' = {m.attn_implementation!r} is not available for this "
+                             f"model ({str(e).splitlines()[0]}); use model.attn_implementation=sdpa or eager") from None
+        model = create("eager")  # the default, on an architecture without sdpa: world.json says eager
     if m.liger:
         apply_liger(model, ds_config["zero_optimization"]["stage"])
     if m.gradient_checkpointing:
