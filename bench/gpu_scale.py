@@ -1,6 +1,7 @@
 """Benchmark on one GPU (not a test): throughput, MFU and memory at real model shapes, side by side.
 
     python bench/gpu_scale.py --out DIR [--parts a,b,c] [--budget-s 540]   # one GPU, about 8 minutes
+    python bench/gpu_scale.py --out DIR --parts a; ... --parts b,c         # the same in two shorter calls
     python bench/gpu_scale.py --smoke --out DIR                            # tiny shapes on the CPU, a few steps
 
 Random-init models from config dicts of real shapes (no hub), the tiny tokenizer, and synthetic
@@ -379,8 +380,12 @@ def markdown(results: dict) -> str:
     def f(x, fmt):
         return "n/a" if x is None else format(x, fmt)
 
-    for part, title in (("a", "(a) Llama-3.2-1B shape, seq 2048, bf16, ZeRO-2, packed, 1 GPU"),
-                        ("b", "(b) Llama-3-8B shape, full FT, ZeRO-3 + optimizer offload, seq 4096, 1 GPU")):
+    plan = PLANS[m["mode"]]
+    a, b = plan["a"], plan["b"]
+    for part, title in (("a", f"(a) {a['shape']} shape, seq {a['seq']}, micro {a['micro']}, {a['dtype']}, ZeRO-2, "
+                              f"packed, {a['steps']} steps ({a['warmup']} warm-up), 1 device"),
+                        ("b", f"(b) {b['shape']} shape, full FT, ZeRO-3 + optimizer offload, seq {b['seq']}, "
+                              f"micro {b['micro']}, {b['steps']} steps ({b['warmup']} warm-up), 1 device")):
         arms = [r for r in results["arms"] if r["part"] == part]
         if not arms:
             continue
@@ -399,7 +404,8 @@ def markdown(results: dict) -> str:
         lines.append("")
     arms = [r for r in results["arms"] if r["part"] == "c"]
     if arms:
-        lines += ["## (c) largest sequence length of one training step of (a) (micro-batch 1)", "",
+        lines += [f"## (c) largest sequence length of one training step of (a) (micro-batch 1; tried "
+                  f"{', '.join(map(str, plan['c']['seqs']))})", "",
                   "| loss | fits | first out-of-memory | status |", "|---|---|---|---|"]
         for r in arms:
             lines.append(f"| {r['label']} | {r.get('max_seq_fits', 'n/a')} | {r.get('first_oom') or 'none tried'} | "

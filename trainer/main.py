@@ -65,7 +65,7 @@ def run(cfg: RunConfig, world) -> dict:
     from trainer.finish import finish
     from trainer.loop import Run, train
     from trainer.methods import apply_method, check_method_device, load_kwargs
-    from trainer.model import build_model, count_params, load_tokenizer, model_facts
+    from trainer.model import build_model, count_params, facts_lines, load_tokenizer, model_facts
     from trainer.monitor import Monitor, flop_model, peak_tflops
     from trainer.optim import build_optimizer, build_scheduler
     from trainer.prepare import prepare
@@ -94,7 +94,7 @@ def run(cfg: RunConfig, world) -> dict:
     model, _zero3_handle = build_model(cfg.model, ds_config, cfg.precision.dtype, data.task,
                                        load_kwargs(cfg, world.device))
     model, method = apply_method(model, cfg, total_steps)  # what trains: an adapter, some blocks, all
-    loss_line, facts = data.task.bind(model), model_facts(model)  # the loss fitted to this model
+    facts = dict(model_facts(model), loss=data.task.bind(model))  # attention, Liger; the loss fitted to the model
     n_params, n_trainable = count_params(model)
     optimizer = build_optimizer(model, t, offload=cfg.zero.offload_optimizer, groups=method.groups)
     scheduler = build_scheduler(optimizer, t, total_steps, cfg.method.unfreeze_every_steps)
@@ -102,11 +102,11 @@ def run(cfg: RunConfig, world) -> dict:
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
 
     # Everything is checked; now the run dir is written.
-    write_run_files(cfg, world, ds_config, dict(facts, loss=loss_line), [
+    write_run_files(cfg, world, ds_config, facts, [
         f"world {world.world_size} ranks; global batch {plan.global_batch_size} = micro {plan.micro_batch_size} "
         f"x accum {plan.grad_accum} x world {plan.world_size}; {total_steps} steps; params {n_params:,} "
-        f"({n_trainable:,} trainable)", method.summary(), *method.notes, f"attention: {facts['attn_implementation']}"
-        + (f"; liger: {', '.join(facts['liger'])}" if facts["liger"] else "")] + [x for x in (loss_line, note and f"NOTE: {note}") if x])
+        f"({n_trainable:,} trainable)", method.summary(), *method.notes, *facts_lines(facts)]
+        + ([f"NOTE: {note}"] if note else []))
 
     ckpt_dir = run_dir.checkpoints
     state = checkpoint.resume(engine, ckpt_dir, world.rank) if cfg.checkpoint.resume else None

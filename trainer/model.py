@@ -75,6 +75,12 @@ def model_facts(model) -> dict[str, Any]:
     return {"attn_implementation": base.config._attn_implementation, "liger": liger}
 
 
+def facts_lines(facts: dict[str, Any]) -> list[str]:
+    """The start lines of model_facts (+ the task's loss line)."""
+    liger = f"; liger: {', '.join(facts['liger'])}" if facts["liger"] else ""
+    return [f"attention: {facts['attn_implementation']}{liger}"] + ([facts["loss"]] if facts.get("loss") else [])
+
+
 def load_tokenizer(m: ModelConfig):
     from transformers import AutoTokenizer
 
