@@ -1,10 +1,14 @@
 """Benchmark (not a test): our trainer vs a minimal hand-written DeepSpeed loop, side by side.
 
-    python bench/throughput.py [--steps 60] [--ranks 2] [--stage 2] [--micro 16] [--rounds 2]
+    python bench/throughput.py [--steps 60] [--ranks 2] [--stage 2] [--micro 16] [--rounds 6]
 
 Both arms use the same tiny Llama, data, DeepSpeed config and ranks, in ONE launch, alternating
-A/B for --rounds rounds. Prints non-padding tokens/s of each (steady state: the first 5 steps of
-each arm are warm-up) and the ratio ours / hand-written.
+A/B then B/A for --rounds rounds. Prints non-padding tokens/s of each (steady state: the first 5 steps of
+each arm are warm-up), the ratio ours / hand-written of every round and their median.
+
+The hand-written loop is what a user writes: the epoch's order computed once (like a
+DistributedSampler), forward with labels (transformers' own loss), backward, step, and one
+all-reduce of the loss and token count for its log (ours also ends its step with one collective).
 """
 from __future__ import annotations
 
@@ -68,27 +72,31 @@ def hand_written(cfg_dict: dict, world) -> float:
     tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer)
     rows = D.load_rows(cfg.data.train)
     d = cfg.data
-    ds = D.tokenize(rows, CausalLMEncoder(tok, d), d.packing, d.max_length, "bench").dataset
+    ds = D.tokenize(rows, CausalLMEncoder(tok, d), d.packing, d.max_length, "bench").rows
     m = dict(cfg.model.config)
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(m.pop("model_type"), **m))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=render_ds_config(cfg))
-    n, micro = len(ds), cfg.train.micro_batch_size
+    order = D.Order(len(ds), world.world_size, cfg.train.micro_batch_size, 1, cfg.seed)
     times, tokens = [], []
     for step in range(cfg.train.max_steps):
         t0 = time.perf_counter()  # timed like ours: batch assembly + forward/backward/step
-        (idx,) = D.window_indices(n, world.world_size, world.rank, cfg.seed, micro, 1, step)
+        (idx,) = order.windows(step)[world.rank]
         b = D.fetch(ds, idx, tok.pad_token_id)
         b = {k: v.to(engine.device) for k, v in b.items()}
-        loss = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+        if "position_ids" in b:  # packed rows: documents masked by position ids
+            inputs = {"position_ids": b["position_ids"], "use_cache": False}
+        else:
+            inputs = {"attention_mask": b["attention_mask"]}
+        loss = engine(input_ids=b["input_ids"], labels=b["labels"], **inputs).loss
         engine.backward(loss)
         engine.step()
-        loss.item()
-        times.append(time.perf_counter() - t0)
-        t = torch.tensor([float(b["attention_mask"].sum())], device=engine.device)
+        t = torch.stack([loss.detach().float(), b["attention_mask"].sum().float()])  # its log: mean loss, tokens
         dist.all_reduce(t)
-        tokens.append(float(t))
+        _, n_tokens = t.tolist()
+        times.append(time.perf_counter() - t0)  # like ours: the step ends when the log's numbers are in
+        tokens.append(n_tokens)
     engine.destroy()
     return sum(tokens[WARMUP:]) / sum(times[WARMUP:])
 
@@ -99,11 +107,14 @@ def worker(args) -> None:
     world = init_distributed()
     tmp = Path(args.tmp)
     res = {"ours": [], "hand": [], "mfu": []}
-    for r in range(args.rounds):
-        res["hand"].append(hand_written(bench_config(tmp / f"hand{r}", args), world))
-        tps, mfu = ours(bench_config(tmp / f"ours{r}", args), world)
-        res["ours"].append(tps)
-        res["mfu"].append(mfu)
+    for r in range(args.rounds):  # A B, B A, A B, ...: a load that drifts during the run favours neither
+        for arm in (("hand", "ours") if r % 2 == 0 else ("ours", "hand")):
+            if arm == "hand":
+                res["hand"].append(hand_written(bench_config(tmp / f"hand{r}", args), world))
+            else:
+                tps, mfu = ours(bench_config(tmp / f"ours{r}", args), world)
+                res["ours"].append(tps)
+                res["mfu"].append(mfu)
     if world.is_main:
         (tmp / "bench.json").write_text(json.dumps(res))
 
@@ -114,7 +125,7 @@ def main() -> None:
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--stage", type=int, default=2)
     p.add_argument("--micro", type=int, default=16)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--max-length", type=int, default=48)
@@ -137,11 +148,13 @@ def main() -> None:
             sys.exit(f"benchmark launch failed:\n{proc.stderr[-4000:]}")
         res = json.loads((Path(tmp) / "bench.json").read_text())
     o, h = statistics.median(res["ours"]), statistics.median(res["hand"])
+    ratios = [a / b for a, b in zip(res["ours"], res["hand"])]
     print(f"llama hidden {args.hidden} x {args.layers} layers, seq {args.max_length}, {args.dtype}, "
-          f"ZeRO-{args.stage}, {args.ranks} ranks, micro {args.micro}, {args.steps} steps x {args.rounds} rounds (A/B alternating)")
+          f"ZeRO-{args.stage}, {args.ranks} ranks, micro {args.micro}, {args.steps} steps x {args.rounds} rounds (A/B, B/A alternating)")
     print(f"  hand-written DeepSpeed loop: {h:10.0f} tokens/s  (rounds: {', '.join(f'{x:.0f}' for x in res['hand'])})")
     print(f"  our trainer:                 {o:10.0f} tokens/s  (rounds: {', '.join(f'{x:.0f}' for x in res['ours'])})")
-    print(f"  ratio ours / hand-written:   {o / h:10.3f}")
+    print(f"  ratio ours / hand-written:   {statistics.median(ratios):10.3f}  (median of rounds: "
+          f"{', '.join(f'{x:.3f}' for x in ratios)}; ratio of medians {o / h:.3f})")
     if any(res["mfu"]):
         print(f"  our MFU (median of rounds):  {statistics.median(res['mfu']):10.3f}")
 

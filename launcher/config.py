@@ -28,7 +28,9 @@ class ModelConfig(_Section):
     # Tokenizer folder; defaults to name_or_path.
     tokenizer: Optional[PathStr] = None
     gradient_checkpointing: bool = False
-    # Liger's fused linear cross-entropy (logits chunk by chunk, never all at once).
+    # Attention kernel: sdpa (PyTorch's), flash_attention_2 (needs the flash-attn package and a GPU), eager.
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
+    # Liger kernels (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU); CUDA only, supported architectures.
     liger: bool = False
 
 
@@ -43,7 +45,11 @@ class DataConfig(_Section):
     messages_field: str = "messages"
     max_length: int = Field(512, gt=1)
     mask_prompt: bool = True
+    # Pack documents into rows of max_length (best-fit decreasing over the whole split); no token
+    # attends across documents and position ids restart at each one.
     packing: bool = False
+    # Without packing: micro-batches of similar lengths (less padding), still a function of (seed, epoch, step).
+    group_by_length: bool = False
 
 
 class TrainConfig(_Section):
@@ -68,8 +74,8 @@ class TrainConfig(_Section):
     allow_bnb_offload: bool = False
     eval_every: int = Field(0, ge=0)  # 0 = only at the end
     eval_max_batches: int = Field(0, ge=0)  # 0 = whole eval split
-    # Causal-LM loss over chunks of this many tokens (logits recomputed in backward, one chunk alive
-    # at a time); 0 = the plain loss over full fp32 logits.
+    # Causal LM loss: logits computed this many target tokens at a time from the final hidden states
+    # and recomputed in backward (the full batch x seq x vocab logits never exist); 0 = plain loss.
     loss_chunk_tokens: int = Field(1024, ge=0)
 
 

@@ -277,6 +277,7 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
         p.append(f"'train.warmup_steps' = {cfg.train.warmup_steps} exceeds 'train.max_steps' = "
                  f"{cfg.train.max_steps}; lower the warmup")
     p += task_problems(cfg)
+    p += efficiency_problems(cfg)
     p += method_problems(cfg)
     p += slurm_problems(cfg)
     t = cfg.train
@@ -423,6 +424,55 @@ def task_problems(cfg: RunConfig) -> list[str]:
             p.append(f"'task.early_stopping.metric' = {es.metric!r} is not a metric of task.type={t.type!r}; "
                      f"choose one of {', '.join(known)}" + (f", or a per-label one: {per_label}" if per_label else ""))
     return p
+
+
+# Text causal-LM model types liger-kernel 0.8.5 patches (liger_kernel.transformers.monkey_patch
+# MODEL_TYPE_TO_APPLY_LIGER_FN, vision-language entries left out). Kept here: the launcher imports no torch.
+LIGER_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "falcon_h1", "gemma", "gemma2", "gemma3_text", "glm4", "granite",
+                     "llama", "ministral", "mistral", "mixtral", "nemotron", "olmo2", "olmo3", "phi3", "qwen2", "qwen3",
+                     "qwen3_moe", "smollm3")
+
+
+def model_type_of(cfg: RunConfig, disk: bool = False) -> Optional[str]:
+    """The model type: from model.config, or (disk) from the model folder's config.json; None if unknown."""
+    if cfg.model.config is not None:
+        return cfg.model.config.get("model_type")
+    if disk and cfg.model.name_or_path is not None:
+        try:
+            import json
+
+            return json.loads((Path(cfg.model.name_or_path) / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+def liger_problems(cfg: RunConfig, disk: bool = False) -> list[str]:
+    """model.liger on an architecture Liger has no kernels for (the device is checked at trainer start)."""
+    kind = model_type_of(cfg, disk)
+    if not cfg.model.liger or kind is None or kind in LIGER_MODEL_TYPES:
+        return []
+    return [f"'model.liger' = true, but Liger has no kernels for model type {kind!r}; supported: "
+            f"{', '.join(LIGER_MODEL_TYPES)}; set model.liger=false (the chunked loss, train.loss_chunk_tokens, "
+            "still avoids the full logits)"]
+
+
+def efficiency_problems(cfg: RunConfig) -> list[str]:
+    """Rules of packing, length grouping, the attention backend and Liger (part of cross_field_problems). Pure."""
+    m, d, p = cfg.model, cfg.data, []
+    if d.packing and d.group_by_length:
+        p.append("'data.group_by_length' = true has nothing to do with data.packing=true (packed rows are already "
+                 "full); remove data.group_by_length")
+    if d.packing and cfg.method.name in ("prefix", "prompt"):
+        p.append(f"'data.packing' = true cannot work with method.name={cfg.method.name!r}: peft feeds virtual tokens "
+                 "(and drops position ids), so documents in a row would attend to each other; set data.packing=false")
+    if m.attn_implementation == "flash_attention_2" and cfg.precision.dtype == "fp32":
+        p.append("'model.attn_implementation' = 'flash_attention_2' needs precision.dtype bf16 or fp16 (flash-attention "
+                 "has no fp32 kernels); set precision.dtype=bf16, or model.attn_implementation=sdpa")
+    if m.liger and cfg.task.type != "causal_lm":
+        p.append(f"'model.liger' = true applies to task.type=causal_lm (its fused loss is next-token cross-entropy), "
+                 f"not {cfg.task.type!r}; set model.liger=false")
+    return p + liger_problems(cfg)
 
 
 def method_problems(cfg: RunConfig) -> list[str]:
@@ -751,4 +801,4 @@ def disk_problems(cfg: RunConfig, allow_done: bool = False, paths: bool = True) 
     run_dir = run_dir_path_problems(cfg)
     return ((path_problems(to_dict(cfg)) if paths else []) + run_dir +
             (run_dir_problems(cfg, allow_done) if not run_dir else []) + ds_config_problems(cfg) +
-            model_folder_problems(cfg))
+            model_folder_problems(cfg) + (liger_problems(cfg, disk=True) if cfg.model.config is None else []))

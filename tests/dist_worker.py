@@ -29,14 +29,14 @@ from trainer import stop as stop_mod  # noqa: E402
 
 
 def _patch_stop(stop_at):
-    original = stop_mod.Stopper.requested
+    original = stop_mod.Stopper.local  # polled once per optimizer step (the loop all-reduces it)
     calls = {"n": 0}
 
-    def requested(self, device):
+    def local(self):
         calls["n"] += 1
-        return original(self, device) or (stop_at is not None and calls["n"] >= stop_at)
+        return original(self) or (stop_at is not None and calls["n"] >= stop_at)
 
-    stop_mod.Stopper.requested = requested
+    stop_mod.Stopper.local = local
     return original
 
 
@@ -76,7 +76,7 @@ def main() -> int:
             failed += 1
             out = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
         finally:
-            stop_mod.Stopper.requested = original
+            stop_mod.Stopper.local = original
             import trainer.loop
 
             trainer.loop.train = original_train

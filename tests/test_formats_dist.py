@@ -17,7 +17,7 @@ from launcher.rules import validate
 GOOD = {
     "text": {"data": {"format": "text"}},
     "chat": {"data": {"format": "chat"}},
-    "csv_packed": {"data": {"packing": True, "max_length": 32}},
+    "csv_packed": {"data": {"packing": True, "max_length": 96}},
     "eval_fraction": {"data": {"eval_fraction": 0.25}},
     "grad_ckpt_z3": {"model": {"gradient_checkpointing": True}, "zero": {"stage": 3, "param_persistence_threshold": 0}},
     "bf16_z2": {"precision": {"dtype": "bf16"}},
@@ -80,6 +80,13 @@ def test_format_trains(runs, name):
     assert out["result"]["status"] == "done"
     curve = losses(tmp / name)
     assert len(curve) == 4 and curve[-1][1] < curve[0][1], curve
+
+
+def test_packing_was_on(runs):
+    tmp, _ = runs
+    first = [json.loads(line) for line in (tmp / "csv_packed" / "metrics.jsonl").read_text().splitlines()][0]
+    assert first["data/train_documents_per_row"] > 2  # measured: 3.0 (96 rows of ~30 tokens into 96-token rows)
+    assert first["data/train_padding_fraction"] < 0.1
 
 
 def test_eval_fraction_and_bf16_report_eval_and_dtype(runs):

@@ -125,6 +125,23 @@ def all_reduce_sums(values: list[float], device: str) -> list[float]:
     return t.tolist()
 
 
+def reduce_and_read(summed: list, read: list, device: str) -> tuple[list[float], list[float]]:
+    """Sum ``summed`` (0-d tensors on the device, or numbers) over all ranks in one collective, and read
+    them back with ``read`` (this rank's values; None stays None) in one host sync."""
+    import torch
+    import torch.distributed as dist
+
+    def as64(v):
+        return torch.as_tensor(v, dtype=torch.float64).to(device).reshape(())
+
+    t = torch.stack([as64(v) for v in summed])
+    dist.all_reduce(t)
+    known = [v for v in read if v is not None]
+    values = torch.cat([t, torch.stack([as64(v) for v in known])]).tolist() if known else t.tolist()
+    it = iter(values[len(summed):])
+    return values[: len(summed)], [None if v is None else next(it) for v in read]
+
+
 def all_reduce_sum(value: float, device: str) -> float:
     return all_reduce_sums([value], device)[0]
 

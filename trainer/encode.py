@@ -72,10 +72,13 @@ def encode_lm_row(tok, d: DataConfig, row: dict[str, Any]) -> tuple[list[int], l
 
 
 class CausalLMEncoder:
-    """text / prompt_response / chat rows -> ids and next-token labels (prompts masked by default)."""
+    """text / prompt_response / chat rows -> ids and next-token labels (prompts masked by default).
+    The first label of a row is always IGNORE: no token predicts it (the loss compares position t's
+    logits with label t + 1), so a row's targets are exactly its labels that are not IGNORE, packed or not."""
 
-    def __init__(self, tok, d: DataConfig):
+    def __init__(self, tok, d: DataConfig, loss_chunk_tokens: int = 0, liger: bool = False):
         self.tok, self.d = tok, d
+        self.loss_chunk_tokens, self.liger = loss_chunk_tokens, liger
         keys = {"text": [("text_field", d.text_field)],
                 "prompt_response": [("prompt_field", d.prompt_field), ("response_field", d.response_field)],
                 "chat": [("messages_field", d.messages_field)]}[d.format]
@@ -91,13 +94,14 @@ class CausalLMEncoder:
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         ids, labels = encode_lm_row(self.tok, self.d, row)
         n = self.d.max_length
-        return {"input_ids": ids[:n], "labels": labels[:n], "truncated": len(ids) > n}
+        return {"input_ids": ids[:n], "labels": ([IGNORE] + labels[1:n]) if ids else [], "truncated": len(ids) > n,
+                "tokens_cut": max(0, len(ids) - n)}
 
     def has_target(self, row: dict[str, Any]) -> bool:
         return any(t != IGNORE for t in row["labels"][1:])
 
     def task(self, train_rows) -> CausalLM:
-        return CausalLM()
+        return CausalLM(self.loss_chunk_tokens, self.d.max_length, self.liger)
 
     def describe(self) -> Optional[str]:
         return None
@@ -294,7 +298,7 @@ class ClassificationEncoder:
 def encoder_for(cfg: RunConfig, tok):
     """The encoder of cfg.task.type."""
     if cfg.task.type == "causal_lm":
-        return CausalLMEncoder(tok, cfg.data)
+        return CausalLMEncoder(tok, cfg.data, cfg.train.loss_chunk_tokens, cfg.model.liger)
     return ClassificationEncoder(tok, cfg)
 
 

@@ -10,9 +10,9 @@ from launcher.batch import BatchPlan
 from launcher.config import RunConfig
 from launcher.rundir import RunDir
 from trainer import data as D
-from trainer.dist import World, all_reduce_sum, all_reduce_sums
+from trainer.dist import World, reduce_and_read
 from trainer.methods import StepHooks
-from trainer.monitor import Monitor, memory_gb
+from trainer.monitor import FlopModel, Monitor, memory_gb
 from trainer.optim import GradNorm, group_lrs
 from trainer.tasks import Report, Task
 
@@ -24,15 +24,15 @@ class Run:
     world: World
     plan: BatchPlan
     engine: Any
-    train_ds: Any
-    eval_ds: Any  # or None
+    train_ds: D.Rows
+    eval_ds: Optional[D.Rows]
     pad_id: int
     total_steps: int
     monitor: Monitor
-    flops_per_token: float
+    flops: FlopModel
     peak_tflops: Optional[float]
     save: Callable[[int], None]  # checkpoint at a step
-    should_stop: Callable[[], bool]
+    should_stop: Callable[[], bool]  # this rank's stop request (no collective: the loop fuses the poll)
     task: Task  # trainer/tasks.py: loss and metrics of the task (causal LM, sequence / token classification)
     best: Any = None  # trainer/early_stop.py EarlyStopping, or None (the export is the last step)
     save_best: Optional[Callable[[int], None]] = None  # checkpoint the best evaluation so far
@@ -50,17 +50,17 @@ def evaluate(run: Run) -> tuple[dict[str, float], Optional[Report]]:
     if run.cfg.train.eval_max_batches:
         batches = batches[: run.cfg.train.eval_max_batches]
     engine.eval()
-    loss_sum = tokens = 0.0
+    loss_sum, tokens = 0.0, 0
     outputs: list = []
     with torch.no_grad():
         for idx in batches:
             batch = D.fetch(run.eval_ds, idx, run.pad_id)
             loss, out = task.eval_step(engine, batch, idx, w.device)
-            loss_sum += loss.item()
+            loss_sum = loss_sum + loss.detach()
             tokens += task.n_targets(batch)
             outputs += out
     engine.train()
-    loss_sum, tokens = all_reduce_sums([loss_sum, tokens], w.device)
+    (loss_sum, tokens), _ = reduce_and_read([loss_sum, tokens], [], w.device)
     loss = loss_sum / max(1.0, tokens)
     return task.eval_metrics(loss, outputs)
 
@@ -78,81 +78,92 @@ def train(run: Run, start_step: int) -> str:
     """Optimizer steps start_step..total_steps-1. Returns "done", "early_stopped" or "preempted"."""
     from tqdm import tqdm
 
-    cfg, w, engine, plan = run.cfg, run.world, run.engine, run.plan
-    n = len(run.train_ds)
+    cfg, w, engine, plan, rows = run.cfg, run.world, run.engine, run.plan, run.train_ds
+    order = D.Order(len(rows), w.world_size, plan.micro_batch_size, plan.grad_accum, cfg.seed,
+                    rows.lengths if cfg.data.group_by_length else None)
+    def batches_of(s: int) -> list[dict]:  # in pinned memory on a GPU: copies to it need not wait for it
+        out = [D.fetch(rows, idx, run.pad_id) for idx in order.windows(s)[w.rank]]
+        return [{k: v.pin_memory() for k, v in b.items()} for b in out] if w.is_cuda else out
+
+    # On a GPU the host waits for the device: the next step's batches are assembled meanwhile. On a CPU
+    # the compute already has every core; a second thread would only take turns with it.
+    prefetch = D.Prefetch(batches_of, background=w.is_cuda)
     bar = tqdm(total=run.total_steps, initial=start_step, desc="train", dynamic_ncols=True,
                disable=not (w.is_main and cfg.logging.progress_bar))
     engine.train()
     norm = GradNorm(engine)
-    for step in range(start_step, run.total_steps):
-        t0 = time.perf_counter()
-        lr = engine.get_lr()[0]
-        group_lr = group_lrs(engine.optimizer)  # per parameter group: layer-wise decay, unfreezing
-        windows = D.window_indices(n, w.world_size, w.rank, cfg.seed, plan.micro_batch_size, plan.grad_accum, step)
-        batches = [D.fetch(run.train_ds, idx, run.pad_id) for idx in windows]
-        # Normalise by the targets (LM: target tokens; classification: labelled examples or tokens)
-        # of the whole window on all ranks, so that accumulation N x micro b equals one batch of
-        # N*b. DeepSpeed divides by accum and averages over ranks.
-        n_target, n_input = all_reduce_sums([sum(run.task.n_targets(b) for b in batches),
-                                              sum(int(b["attention_mask"].sum()) for b in batches)], w.device)
-        scale = plan.grad_accum * w.world_size / n_target
-        loss_sum = 0.0
-        for batch in batches:
-            loss = run.task.loss_sum(engine, batch, w.device)
-            engine.backward(loss * scale)
-            if batch is batches[-1]:  # the step's gradients are complete
-                run.hooks.before_step(step)  # (AdaLoRA reads them)
-                norm.before_step()
-            engine.step()
-            loss_sum += loss.item()
-        run.hooks.after_step(step)
-        loss = all_reduce_sum(loss_sum, w.device) / n_target
-        dt = time.perf_counter() - t0
-        done = step + 1
+    try:
+        for step in range(start_step, run.total_steps):
+            t0 = time.perf_counter()
+            lr = engine.get_lr()[0]
+            group_lr = group_lrs(engine.optimizer)  # per parameter group: layer-wise decay, unfreezing
+            batches = prefetch.get(step, step + 1 if step + 1 < run.total_steps else None)
+            # Normalise by the targets (LM: target tokens; classification: labelled examples or tokens)
+            # of the whole window on all ranks, so that accumulation N x micro b equals one batch of N*b.
+            # Every rank knows every row's counts and the order, so this needs no collective. DeepSpeed
+            # divides by accum and averages over ranks.
+            shapes = rows.shapes(order.windows(step))
+            n_target, n_input = sum(s[2] for s in shapes), sum(s[0] for s in shapes)
+            scale = plan.grad_accum * w.world_size / n_target
+            loss_sum = 0.0  # on the device: no host sync per micro-batch
+            for batch in batches:
+                loss = run.task.loss_sum(engine, batch, w.device)
+                engine.backward(loss * scale)
+                if batch is batches[-1]:  # the step's gradients are complete
+                    run.hooks.before_step(step)  # (AdaLoRA reads them)
+                    norm.before_step()
+                engine.step()
+                loss_sum = loss_sum + loss.detach()
+            run.hooks.after_step(step)
+            # The step's one collective and one host sync: the loss for the log and the stop poll
+            # (every rank checkpoints and stops at the same step when any rank was asked to).
+            (loss_sum, stops), (grad_norm,) = reduce_and_read([loss_sum, float(run.should_stop())],
+                                                              [norm.after_step()], w.device)
+            loss = loss_sum / n_target
+            dt = time.perf_counter() - t0
+            done = step + 1
 
-        grad_norm = norm.after_step()
-        seq_len = max(b["input_ids"].shape[1] for b in batches)
-        tokens_all = plan.global_batch_size * seq_len  # computed tokens, padding included
-        metrics = {"train/loss": loss, "train/lr": lr,
-                   "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
-                   "train/tokens_per_s": n_input / dt, "train/samples_per_s": plan.global_batch_size / dt,
-                   "train/step_time_s": dt, "train/epoch": step / max(1, D.steps_per_epoch(
-                       n, w.world_size, plan.micro_batch_size, plan.grad_accum))}
-        if run.peak_tflops:
-            metrics["train/mfu"] = run.flops_per_token * tokens_all / dt / (run.peak_tflops * 1e12 * w.world_size)
-        mem_tag, mem = memory_gb(w.device)
-        metrics[mem_tag] = mem
-        metrics.update(group_lr)
-        verdict = None
-        if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < run.total_steps and run.eval_ds is not None:
-            metrics.update(evaluate_and_report(run, done))
-            if run.best is not None:  # best-checkpoint selection / early stopping
-                verdict = run.best.update(done, metrics)
-                if verdict.improved:
-                    run.save_best(done)
-        run.monitor.log(done, metrics)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}")
-        if w.is_main and (done % cfg.logging.every_steps == 0 or done == run.total_steps or "eval/loss" in metrics):
-            extra = f" eval_loss {metrics['eval/loss']:.4f}" if "eval/loss" in metrics else ""
-            bar.write(f"step {done}/{run.total_steps} loss {loss:.4f} lr {lr:.3g} grad_norm "
-                      f"{metrics['train/grad_norm'] or 0:.3f} tok/s {metrics['train/tokens_per_s']:.0f}{extra}")
+            computed = plan.micro_batch_size * sum(s[1] for s in shapes)  # padded tokens the model ran
+            metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                       "train/tokens_per_s": n_input / dt, "train/samples_per_s": plan.global_batch_size / dt,
+                       "train/step_time_s": dt, "train/padding_fraction": 1 - n_input / computed,
+                       "train/epoch": step / max(1, order.steps_per_epoch)}
+            if run.peak_tflops:
+                metrics["train/mfu"] = run.flops.step((s[0], s[1]) for s in shapes) / dt / (
+                    run.peak_tflops * 1e12 * w.world_size)
+            mem_tag, mem = memory_gb(w.device)
+            metrics[mem_tag] = mem
+            metrics.update(group_lr)
+            verdict = None
+            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < run.total_steps and run.eval_ds is not None:
+                metrics.update(evaluate_and_report(run, done))
+                if run.best is not None:  # best-checkpoint selection / early stopping
+                    verdict = run.best.update(done, metrics)
+                    if verdict.improved:
+                        run.save_best(done)
+            run.monitor.log(done, metrics)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if w.is_main and (done % cfg.logging.every_steps == 0 or done == run.total_steps or "eval/loss" in metrics):
+                extra = f" eval_loss {metrics['eval/loss']:.4f}" if "eval/loss" in metrics else ""
+                bar.write(f"step {done}/{run.total_steps} loss {loss:.4f} lr {lr:.3g} grad_norm "
+                          f"{grad_norm or 0:.3f} tok/s {metrics['train/tokens_per_s']:.0f}{extra}")
 
-        saved = cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0 and done < run.total_steps
-        if saved:
-            run.save(done)
-        if verdict is not None and verdict.stop:
-            bar.close()
-            if w.is_main:
-                print(f"early stopping at step {done}: {run.best.metric} has not improved by more than "
-                      f"{run.best.min_delta} in {run.best.patience} evaluations; {run.best.summary()}", flush=True)
-            return "early_stopped"
-        if done < run.total_steps and run.should_stop():
-            if not saved:
+            saved = cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0 and done < run.total_steps
+            if saved:
                 run.save(done)
-            bar.close()
-            if w.is_main:
-                print(f"stop requested: checkpointed at step {done}; rerun with the same run_dir to resume", flush=True)
-            return "preempted"
-    bar.close()
-    return "done"
+            if verdict is not None and verdict.stop:
+                if w.is_main:
+                    print(f"early stopping at step {done}: {run.best.metric} has not improved by more than "
+                          f"{run.best.min_delta} in {run.best.patience} evaluations; {run.best.summary()}", flush=True)
+                return "early_stopped"
+            if done < run.total_steps and stops > 0:
+                if not saved:
+                    run.save(done)
+                if w.is_main:
+                    print(f"stop requested: checkpointed at step {done}; rerun with the same run_dir to resume", flush=True)
+                return "preempted"
+        return "done"
+    finally:
+        bar.close()
+        prefetch.close()

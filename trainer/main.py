@@ -35,6 +35,9 @@ def parse_args(argv):
 
 
 def check_device(cfg: RunConfig, is_cuda: bool) -> None:
+    from trainer.model import check_model_device
+
+    check_model_device(cfg.model, is_cuda)  # Liger, flash-attention: CUDA and their packages
     if cfg.precision.dtype == "fp16" and not is_cuda:
         raise ConfigError(["'precision.dtype' = 'fp16' is not supported on a CPU (DeepSpeed: 'Type fp16 is "
                            "not supported on your device'); use precision.dtype=fp32, or bf16 (slow on CPUs "
@@ -63,8 +66,8 @@ def run(cfg: RunConfig, world) -> dict:
     from trainer.finish import finish
     from trainer.loop import Run, train
     from trainer.methods import apply_method, check_method_device, load_kwargs
-    from trainer.model import build_model, count_params, load_tokenizer
-    from trainer.monitor import Monitor, flops_per_token, peak_tflops
+    from trainer.model import build_model, count_params, facts_lines, load_tokenizer, model_facts
+    from trainer.monitor import Monitor, flop_model, peak_tflops
     from trainer.optim import build_optimizer, build_scheduler
     from trainer.prepare import prepare
     from trainer.stop import Stopper
@@ -87,12 +90,13 @@ def run(cfg: RunConfig, world) -> dict:
 
     set_seed(cfg.seed)
     tok = load_tokenizer(cfg.model)
-    data = prepare(cfg, tok, world)  # train / eval splits and the task (trainer/tasks.py)
+    data = prepare(cfg, tok, world, plan)  # train / eval rows (packed or not), the task (trainer/tasks.py)
     total_steps = total_steps_for(cfg, len(data.train), plan)
     set_seed(cfg.seed)  # same initial weights whatever the data preparation consumed
     model, _zero3_handle = build_model(cfg.model, ds_config, cfg.precision.dtype, data.task,
                                        load_kwargs(cfg, world.device))
     model, method = apply_method(model, cfg, total_steps)  # what trains: an adapter, some blocks, all
+    facts = dict(model_facts(model), loss=data.task.bind(model))  # attention, Liger; the loss fitted to the model
     n_params, n_trainable = count_params(model)
     optimizer = build_optimizer(model, t, offload=cfg.zero.offload_optimizer, groups=method.groups)
     scheduler = build_scheduler(optimizer, t, total_steps, cfg.method.unfreeze_every_steps)
@@ -100,10 +104,10 @@ def run(cfg: RunConfig, world) -> dict:
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
 
     # Everything is checked; now the run dir is written.
-    write_run_files(cfg, world, ds_config, [
+    write_run_files(cfg, world, ds_config, facts, [
         f"world {world.world_size} ranks; global batch {plan.global_batch_size} = micro {plan.micro_batch_size} "
         f"x accum {plan.grad_accum} x world {plan.world_size}; {total_steps} steps; params {n_params:,} "
-        f"({n_trainable:,} trainable)", method.summary(), *method.notes,
+        f"({n_trainable:,} trainable)", method.summary(), *method.notes, *facts_lines(facts),
         *[f"NOTE: {n}" for n in (note, resume.note) if n]])
 
     ckpt_dir = run_dir.checkpoints
@@ -116,7 +120,7 @@ def run(cfg: RunConfig, world) -> dict:
     best = EarlyStopping.from_config(es, (state or {}).get("early_stopping")) if es is not None else None
     monitor = Monitor(run_dir.root, world.is_main, cfg.logging.tensorboard)
     monitor.log(start_step, {"model/trainable_params": method.n_trainable, "model/trainable_fraction": method.fraction,
-                             "train/total_steps": total_steps})  # for `launcher status`
+                             "train/total_steps": total_steps, **data.stats})  # total: for `launcher status`
     stopper = Stopper(run_dir.stop)
 
     def save(step: int) -> None:
@@ -127,13 +131,10 @@ def run(cfg: RunConfig, world) -> dict:
     def save_best(step: int) -> None:  # the best evaluation so far, in its own folder until beaten
         checkpoint.save(engine, run_dir.best, step, {"step": step}, 1, world.rank)
 
-    mcfg = engine.module.config
     loop = Run(cfg=cfg, world=world, plan=plan, engine=engine, train_ds=data.train, eval_ds=data.eval,
                pad_id=tok.pad_token_id, total_steps=total_steps, monitor=monitor,
-               flops_per_token=flops_per_token(n_params, n_trainable, getattr(mcfg, "num_hidden_layers", 0),
-                                               getattr(mcfg, "hidden_size", 0), cfg.data.max_length),
-               peak_tflops=peak_tflops(cfg.logging.peak_tflops),
-               save=save, should_stop=lambda: stopper.requested(world.device),
+               flops=flop_model(engine.module), peak_tflops=peak_tflops(cfg.logging.peak_tflops),
+               save=save, should_stop=stopper.local,
                task=data.task, best=best, save_best=save_best, hooks=method.hooks)
     status = train(loop, start_step)
     result = finish(loop, status, tok, method.is_peft)
@@ -142,15 +143,16 @@ def run(cfg: RunConfig, world) -> dict:
     return result
 
 
-def write_run_files(cfg: RunConfig, world, ds_config: dict, lines: list[str]) -> None:
-    """Rank 0 writes config.yaml (once), the DeepSpeed config this world uses, world.json; prints the plan."""
+def write_run_files(cfg: RunConfig, world, ds_config: dict, facts: dict, lines: list[str]) -> None:
+    """Rank 0 writes config.yaml (once), the DeepSpeed config this world uses, world.json (each rank's
+    world and ``facts``: attention kernel, loss, Liger pieces); prints the plan."""
     import torch.distributed as dist
     import yaml
 
     from trainer.dist import world_info
 
     infos = [None] * world.world_size
-    dist.all_gather_object(infos, world_info(world))
+    dist.all_gather_object(infos, {**world_info(world), **facts})
     run_dir = RunDir(cfg.run_dir)
     if world.is_main:
         run_dir.root.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -28,10 +29,52 @@ def peak_tflops(configured: Optional[float]) -> Optional[float]:
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
-def flops_per_token(n_params: int, n_trainable: int, n_layers: int, hidden: int, seq_len: int) -> float:
-    """Forward 2N + backward 2N (activations) + 2N_trainable (weights), plus attention scores
-    (12 * layers * hidden * seq for forward+backward). Full fine-tuning gives the usual 6N."""
-    return 4 * n_params + 2 * n_trainable + 12 * n_layers * hidden * seq_len
+@dataclass(frozen=True)
+class FlopModel:
+    """Matmul FLOPs of one training step, counted from the model's shapes (README "Efficiency").
+
+    Per token of a row of width W (forward + backward):
+        4 N + 2 N_t + 12 L A W
+    N: weights of every matmul (each Linear / Conv1D: in x out; the LM head counts, the embedding
+    lookup does not), N_t: those that train, L: layers, A: attention width (heads x head_dim).
+    Forward 2N; backward 2N for the activation gradients and 2N_t for the weight gradients; the
+    attention matmuls Q K^T and P V cost 2 A W each per token and layer forward, twice that backward,
+    over the full W x W square (what sdpa and eager compute). No FLOPs for norms, softmax,
+    activations or the embedding lookup. Tested against torch.utils.flop_counter.FlopCounterMode."""
+    matmul_params: int
+    trainable_matmul_params: int
+    layers: int
+    attn_width: int
+
+    def per_token(self, width: int) -> float:
+        return 4 * self.matmul_params + 2 * self.trainable_matmul_params + 12 * self.layers * self.attn_width * width
+
+    def step(self, shapes) -> float:
+        """FLOPs of micro-batches given as (real tokens, row width) pairs: padding does no useful work."""
+        return sum(tokens * self.per_token(width) for tokens, width in shapes)
+
+
+def flop_model(model) -> FlopModel:
+    """Count the matmul weights of a built model (also under ZeRO-3 and 4-bit: from module shapes)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    n = n_t = 0
+    for name, mod in model.named_modules():
+        if "original_module" in name:  # peft modules_to_save: the frozen original beside the trained copy
+            continue
+        if isinstance(mod, torch.nn.Linear):
+            size = mod.in_features * mod.out_features
+        elif isinstance(mod, Conv1D):
+            size = mod.nx * mod.nf
+        else:
+            continue
+        n += size
+        n_t += size if mod.weight.requires_grad else 0
+    c = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    heads = getattr(c, "num_attention_heads", 0) or 0
+    head_dim = getattr(c, "head_dim", None) or (c.hidden_size // heads if heads else 0)
+    return FlopModel(n, n_t, getattr(c, "num_hidden_layers", 0) or 0, heads * head_dim)
 
 
 def memory_gb(device: str) -> tuple[str, float]:
@@ -42,6 +85,43 @@ def memory_gb(device: str) -> tuple[str, float]:
     import psutil
 
     return "train/rss_gb", psutil.Process().memory_info().rss / 2**30
+
+
+class PeakBytes:
+    """Peak bytes of the tensors created inside a ``with`` block, on any device (the CPU has no
+    torch.cuda.max_memory_allocated): each new storage counts from the op that made it until it is
+    freed. Measurement only (it sees every op). torch's MemTracker refuses a module called more
+    than once per step, which is what the chunked loss does with the head."""
+
+    def __new__(cls):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class _Mode(TorchDispatchMode):
+            def __init__(self):
+                super().__init__()
+                self.live: dict[int, int] = {}
+                self.now = self.peak = 0
+
+            def _free(self, key: int) -> None:
+                self.now -= self.live.pop(key, 0)
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                import weakref
+
+                import torch
+                from torch.utils._pytree import tree_leaves
+
+                out = func(*args, **(kwargs or {}))
+                for t in tree_leaves(out):
+                    if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in self.live:
+                        st = t.untyped_storage()
+                        self.live[id(st)] = st.nbytes()
+                        self.now += st.nbytes()
+                        self.peak = max(self.peak, self.now)
+                        weakref.finalize(st, self._free, id(st))
+                return out
+
+        return _Mode()
 
 
 class Monitor:

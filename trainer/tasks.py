@@ -30,6 +30,9 @@ class Task(Protocol):
     def model_kwargs(self) -> dict:
         """Extra model-config arguments (num_labels, id2label, label2id)."""
 
+    def bind(self, model) -> Optional[str]:
+        """Fit the loss to the built model (before deepspeed.initialize); a line saying how, or None."""
+
     def n_targets(self, batch: dict) -> int:
         """What the loss is normalised by: target tokens (causal LM), labelled examples (sequence),
         labelled tokens (token classification)."""
@@ -92,9 +95,70 @@ def _prefixed(values: dict[str, float]) -> dict[str, float]:
 # --------------------------------------------------------------------------- causal LM
 
 
+# Causal-LM model types whose logits are exactly output_head(final hidden states): no softcapping,
+# scaling or slicing after the head (read from their modeling files in transformers 5.23; gemma2/3,
+# cohere and granite post-process the logits and are not here). The chunked loss reproduces them.
+CHUNKABLE_MODEL_TYPES = ("bloom", "deepseek_v3", "falcon", "gemma", "gpt2", "gpt_neox", "gptj", "llama", "ministral",
+                         "mistral", "mixtral", "olmo", "olmo2", "opt", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3",
+                         "qwen3_moe", "smollm3", "stablelm", "starcoder2")
+
+
+class HeadInput:
+    """A forward pre-hook on the output head. While ``armed`` it keeps the head's input (the final
+    hidden states) and hands the head an empty slice of it, so the model's own forward computes no
+    logits; the chunked loss then calls the head itself."""
+
+    def __init__(self, head):
+        self.head, self.armed, self.hidden = head, False, None
+        head.register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        if not self.armed:
+            return None
+        self.hidden = args[0]
+        return (args[0][..., :0, :], *args[1:])
+
+
+def chunked_ce_sum(head, hidden, targets, n_chunks: int):
+    """sum_i CE(head(hidden_i), targets_i) over the rows of ``hidden`` (N x H), in ``n_chunks`` parts:
+    each part's logits (at most ceil(N / n_chunks) x vocab, in the head's dtype and once in fp32)
+    exist only while that part is computed, and again while its backward runs (recomputed under
+    torch.utils.checkpoint; a single chunk is kept for backward instead, like the plain loss). The head is called as a module each time, so ZeRO-3 gathers it; every
+    rank must pass the same ``n_chunks`` (the same number of gathers)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    def ce(h, y):
+        return F.cross_entropy(head(h).float(), y, reduction="sum")
+
+    grad = torch.is_grad_enabled() and n_chunks > 1  # one chunk: recomputing it would save nothing
+    parts = [checkpoint(ce, h, y, use_reentrant=False) if grad else ce(h, y)
+             for h, y in zip(hidden.tensor_split(n_chunks), targets.tensor_split(n_chunks))]
+    return torch.stack(parts).sum()
+
+
+def cu_seqlens(starts, total: int):
+    """Cumulative sequence lengths for flash-attention's varlen kernels: the starts, then the total."""
+    import torch
+
+    return torch.cat([starts, torch.tensor([total])]).to(torch.int32)
+
+
 class CausalLM:
-    """Next-token prediction."""
+    """Next-token prediction. The loss is computed one of three ways (``bind`` chooses, per model):
+    ``chunked`` (default): logits from the final hidden states ``chunk_tokens`` target positions at a
+    time (:func:`chunked_ce_sum`), only where a target exists; ``liger``: Liger's fused linear
+    cross-entropy inside the model's forward (training; evaluation stays chunked); ``plain``: the
+    model's full logits, upcast to fp32 (train.loss_chunk_tokens=0, or a model whose logits are more
+    than head(hidden))."""
     kind = "causal_lm"
+
+    def __init__(self, chunk_tokens: int = 0, max_length: int = 0, liger: bool = False):
+        self.chunk_tokens, self.max_length, self.liger = chunk_tokens, max_length, liger
+        self.loss_kind = "plain"
+        self.head: Optional[HeadInput] = None
+        self.flatten = False  # flash-attention-2 on packed rows: one row per micro-batch (varlen kernels)
 
     def auto_class(self):
         from transformers import AutoModelForCausalLM
@@ -104,18 +168,80 @@ class CausalLM:
     def model_kwargs(self) -> dict:
         return {}
 
+    def bind(self, model) -> Optional[str]:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.flatten = base.config._attn_implementation == "flash_attention_2"
+        kind = base.config.model_type
+        if self.chunk_tokens and kind in CHUNKABLE_MODEL_TYPES and base.get_output_embeddings() is not None:
+            self.head = HeadInput(base.get_output_embeddings())
+            self.loss_kind = "chunked"
+            how = (f"chunked cross-entropy (logits of at most {self.chunk_tokens} target tokens at a time, "
+                   "recomputed in backward)")
+        elif self.chunk_tokens:
+            how = (f"plain cross-entropy over the full logits (model type {kind!r} post-processes its logits, so "
+                   "train.loss_chunk_tokens does not apply)")
+        else:
+            how = "plain cross-entropy over the full logits (train.loss_chunk_tokens=0)"
+        if self.liger:
+            self.loss_kind = "liger"
+            how = f"Liger fused linear cross-entropy in training; evaluation: {how}"
+        return f"loss: {how}"
+
     def n_targets(self, batch: dict) -> int:
         return target_tokens(batch)
 
+    def inputs(self, batch: dict, device: str) -> tuple[dict, Any]:
+        """Model inputs and labels (on the device; copies from pinned memory do not wait for it).
+        Packed rows go without an attention mask and with position ids, from which transformers
+        masks every document off from the others (sdpa / eager: a block mask), and without a KV cache
+        (with one, use_cache's default, transformers skips that detection). With flash-attention-2 the
+        micro-batch becomes one row and the document boundaries go in as the varlen kernels'
+        cumulative lengths, computed here on the host (transformers would read them off the device
+        in every layer)."""
+        def dev(t):
+            return t.to(device, non_blocking=True)
+
+        if "position_ids" not in batch:
+            return {"input_ids": dev(batch["input_ids"]), "attention_mask": dev(batch["attention_mask"])}, \
+                dev(batch["labels"])
+        ids, pos, labels = batch["input_ids"], batch["position_ids"], batch["labels"]
+        extra: dict = {}
+        if self.flatten:
+            ids, pos, labels = ids.reshape(1, -1), pos.reshape(1, -1), labels.reshape(1, -1)
+            starts = (pos[0] == 0).nonzero().reshape(-1)
+            cu = cu_seqlens(starts, pos.shape[1])
+            longest = int((cu[1:] - cu[:-1]).max())
+            extra = {"cu_seq_lens_q": dev(cu), "cu_seq_lens_k": dev(cu), "max_length_q": longest,
+                     "max_length_k": longest}
+        return {"input_ids": dev(ids), "position_ids": dev(pos), "use_cache": False, **extra}, dev(labels)
+
     def loss_sum(self, engine, batch: dict, device: str):
         """Summed next-token cross-entropy over target tokens (normalised by the caller)."""
+        import torch
         import torch.nn.functional as F
 
-        out = engine(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-        logits = out.logits[:, :-1].float()
-        labels = batch["labels"][:, 1:].to(device)
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                               ignore_index=IGNORE, reduction="sum")
+        inputs, labels = self.inputs(batch, device)
+        if self.loss_kind == "liger" and torch.is_grad_enabled():
+            return engine(**inputs, labels=labels, num_items_in_batch=1).loss  # a sum: divided by 1
+        if self.head is None:
+            logits = engine(**inputs).logits[:, :-1].float()
+            return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
+                                   ignore_index=IGNORE, reduction="sum")
+        # Which positions have a target, found on the host (a boolean index on the device would wait for it).
+        host = batch["labels"].reshape(labels.shape)[:, 1:]
+        rows, cols = (host != IGNORE).nonzero(as_tuple=True)
+        where, targets = rows * labels.shape[1] + cols, host[rows, cols]
+        self.head.armed = True
+        try:
+            engine(**inputs)
+        finally:
+            self.head.armed = False
+        hidden, self.head.hidden = self.head.hidden, None
+        hidden = hidden[:, hidden.shape[1] - labels.shape[1]:]  # prompt tuning: drop the virtual tokens
+        picked = hidden.flatten(0, 1).index_select(0, where.to(device, non_blocking=True))
+        # The same number of chunks on every rank and step (ZeRO-3 gathers the head once per chunk).
+        n_chunks = -(-batch["input_ids"].shape[0] * self.max_length // self.chunk_tokens)
+        return chunked_ce_sum(self.head.head, picked, targets.to(device, non_blocking=True), n_chunks)
 
     def eval_step(self, engine, batch: dict, indices: list[int], device: str):
         return self.loss_sum(engine, batch, device), []
@@ -183,6 +309,9 @@ class Classification:
 
     def model_kwargs(self) -> dict:
         return self.labels.model_kwargs()
+
+    def bind(self, model) -> Optional[str]:
+        return None
 
     def n_targets(self, batch: dict) -> int:
         return int((batch["labels"] != IGNORE).sum().item())
