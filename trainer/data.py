@@ -420,3 +420,12 @@ def fetch(ds, indices: list[int], pad_id: int) -> dict[str, Any]:
 def target_tokens(batch: dict[str, Any]) -> int:
     """Non-padding tokens that carry loss (labels shifted by one for next-token prediction)."""
     return int((batch["labels"][:, 1:] != IGNORE).sum().item())
+
+
+def total_steps_for(cfg, n_train: int, plan) -> int:
+    """train.max_steps, or train.epochs over ``n_train`` rows at the plan's global batch."""
+    spe = steps_per_epoch(n_train, plan.world_size, plan.micro_batch_size, plan.grad_accum)
+    if spe == 0:
+        raise DataError(f"the train split has {n_train} examples but one optimizer step needs "
+                        f"{plan.global_batch_size} (micro x accum x world); add data or lower train.micro_batch_size")
+    return cfg.train.max_steps or max(1, int(cfg.train.epochs * spe))

@@ -34,26 +34,6 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def check_device(cfg: RunConfig, is_cuda: bool) -> None:
-    from trainer.model import check_model_device
-
-    check_model_device(cfg.model, is_cuda)  # Liger, flash-attention: CUDA and their packages
-    if cfg.precision.dtype == "fp16" and not is_cuda:
-        raise ConfigError(["'precision.dtype' = 'fp16' is not supported on a CPU (DeepSpeed: 'Type fp16 is "
-                           "not supported on your device'); use precision.dtype=fp32, or bf16 (slow on CPUs "
-                           "without AMX/AVX512-BF16)"])
-
-
-def total_steps_for(cfg: RunConfig, n_train: int, plan) -> int:
-    from trainer.data import DataError, steps_per_epoch
-
-    spe = steps_per_epoch(n_train, plan.world_size, plan.micro_batch_size, plan.grad_accum)
-    if spe == 0:
-        raise DataError(f"the train split has {n_train} examples but one optimizer step needs "
-                        f"{plan.global_batch_size} (micro x accum x world); add data or lower train.micro_batch_size")
-    return cfg.train.max_steps or max(1, int(cfg.train.epochs * spe))
-
-
 def run(cfg: RunConfig, world) -> dict:
     """One training run on an initialised world. Re-entrant: tests run several per launch."""
     import deepspeed
@@ -66,7 +46,8 @@ def run(cfg: RunConfig, world) -> dict:
     from trainer.finish import finish
     from trainer.loop import Run, train
     from trainer.methods import apply_method, check_method_device, load_kwargs
-    from trainer.model import build_model, count_params, facts_lines, load_tokenizer, model_facts
+    from trainer.data import total_steps_for
+    from trainer.model import build_model, check_device, count_params, facts_lines, load_tokenizer, model_facts
     from trainer.monitor import Monitor, flop_model, peak_tflops
     from trainer.optim import build_optimizer, build_scheduler
     from trainer.prepare import prepare

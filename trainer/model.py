@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from launcher.config import ModelConfig
+from launcher.config import ModelConfig, RunConfig
 
 
 class ModelError(ValueError):
@@ -18,13 +18,17 @@ def torch_dtype(name: str):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def check_model_device(m: ModelConfig, is_cuda: bool) -> None:
-    """What only the node the trainer runs on can know: Liger and flash-attention need CUDA and their package."""
+def check_device(cfg: RunConfig, is_cuda: bool) -> None:
+    """What only the node the trainer runs on can know: fp16, Liger and flash-attention need CUDA (and
+    Liger and flash-attention their package)."""
     import importlib.util
 
     from launcher.config import ConfigError
 
-    p = []
+    m, p = cfg.model, []
+    if cfg.precision.dtype == "fp16" and not is_cuda:
+        p.append("'precision.dtype' = 'fp16' is not supported on a CPU (DeepSpeed: 'Type fp16 is not supported on "
+                 "your device'); use precision.dtype=fp32, or bf16 (slow on CPUs without AMX/AVX512-BF16)")
     if m.liger and not is_cuda:
         p.append("'model.liger' = true needs a CUDA GPU (Liger's kernels are Triton GPU kernels); this run has none; "
                  "set model.liger=false (the chunked loss, train.loss_chunk_tokens, works on every device)")
