@@ -77,6 +77,11 @@ class TrainConfig(_Section):
     # Causal LM loss: logits computed this many target tokens at a time from the final hidden states
     # and recomputed in backward (the full batch x seq x vocab logits never exist); 0 = plain loss.
     loss_chunk_tokens: int = Field(1024, ge=0)
+    # A step whose loss or gradient norm is NaN/Inf never updates the model (its update is skipped and
+    # counted: train/nonfinite_steps). skip: go on; stop: after max_nonfinite_steps of them in a row,
+    # checkpoint (the weights of the last good step) and exit 3 (README "What it survives").
+    on_nonfinite: Literal["skip", "stop"] = "stop"
+    max_nonfinite_steps: int = Field(3, gt=0)
 
 
 class PrecisionConfig(_Section):
@@ -111,11 +116,15 @@ class DistConfig(_Section):
     # NCCL flight recorder: every rank keeps its last collectives in memory and dumps them to
     # RUN_DIR/flight_recorder/ on a timeout (analyse with `torchfrtrace RUN_DIR/flight_recorder`).
     flight_recorder: bool = False
+    # Step watchdog: a training step that has not finished after this many seconds (a hung collective,
+    # a stuck rank) ends the process with a message naming the step and the rank (exit 4); 0 = off.
+    step_timeout_s: float = Field(0.0, ge=0)
 
 
-# dist.* keys that say how a job runs, not what it trains: a resubmission of a run may change them
-# (like slurm.*), e.g. to turn the flight recorder on for a hang.
-RESUBMIT_FREE_KEYS = ("dist.max_restarts", "dist.network", "dist.timeout_min", "dist.flight_recorder")
+# Keys that say how a job runs and copes, not what it trains: a resubmission of a run may change them
+# (like slurm.*), e.g. to turn the flight recorder on for a hang, or to skip non-finite steps after a stop.
+RESUBMIT_FREE_KEYS = ("dist.max_restarts", "dist.network", "dist.timeout_min", "dist.flight_recorder",
+                      "dist.step_timeout_s", "train.on_nonfinite", "train.max_nonfinite_steps")
 
 
 class CheckpointConfig(_Section):

@@ -54,6 +54,10 @@ TABLE: tuple[Key, ...] = (
     Key("gradient_accumulation_steps", lambda c, p: p.grad_accum, "train.grad_accum"),
     Key("gradient_clipping", lambda c, p: c.train.grad_clip, "train.grad_clip"),
     Key("bf16.enabled", lambda c, p: c.precision.dtype == "bf16", "precision.dtype"),
+    # A NaN/Inf gradient norm skips the step (its update is never applied); DeepSpeed's ZeRO-1/2 bf16 path
+    # checks only with this on (trainer/faults.py).
+    Key("bf16.check_grad_overflow", _const(True), "train.on_nonfinite", when=lambda c: c.precision.dtype == "bf16",
+        note="a step with a non-finite gradient norm is never applied, whatever train.on_nonfinite says"),
     Key("fp16.enabled", lambda c, p: c.precision.dtype == "fp16", "precision.dtype"),
     Key("fp16.loss_scale", _const(0)),  # 0 = dynamic loss scaling
     Key("fp16.initial_scale_power", _const(16)),

@@ -770,7 +770,7 @@ def run_dir_problems(cfg: RunConfig, allow_done: bool = False) -> list[str]:
         old = {k: _where(k, v, old_root) for k, v in old.items()}
         new = {k: _where(k, v, cfg.run_dir) for k, v in new.items()}
         # slurm.* says where and how long a job runs, not what it trains: a resubmission may change it
-        # (nor do dist.max_restarts, network, timeout_min and flight_recorder: how the job copes, not what it trains)
+        # (nor do the RESUBMIT_FREE_KEYS: how the job copes with faults, not what it trains)
         diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k != "run_dir"
                       and not k.startswith("slurm.") and k not in RESUBMIT_FREE_KEYS)
         if diff:

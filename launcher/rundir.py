@@ -8,7 +8,9 @@
     RUN_DIR/checkpoints/        DeepSpeed checkpoints, `latest`, best/ (each a checkpoint folder:)
         stepNNNNNNNN/           one checkpoint (DeepSpeed's files), tagged by its optimizer step
         stepNNNNNNNN/rng_rank{r}.pt   rank r's RNG state
+        stepNNNNNNNN/manifest.json    every file's size and checksum (trainer/manifest.py), written before COMPLETE
         stepNNNNNNNN/COMPLETE   written last: the step and the world size that wrote it
+        stepNNNNNNNN/DAMAGED    what a resume found wrong with it (its COMPLETE renamed: never loaded)
         stepNNNNNNNN/universal/ DeepSpeed's universal form, converted once when another world size resumes
                                 it (its own COMPLETE is written last); latest_universal names it;
                                 universal.failed holds a failed conversion's error
@@ -47,6 +49,8 @@ DONE = "DONE"
 LATEST = "latest"  # DeepSpeed's name: the tag of the newest complete checkpoint
 STEP_TAG = "step{step:08d}"
 COMPLETE = "COMPLETE"
+MANIFEST = "manifest.json"
+DAMAGED = "DAMAGED"
 RNG = "rng_rank{rank}.pt"
 UNIVERSAL = "universal"
 UNIVERSAL_OPTIMIZER_STATE = "zero/optimizer_state.pt"  # DeepSpeed's, inside universal/: the param groups

@@ -3,14 +3,15 @@
     torchrun --nproc_per_node 2 tests/dist_worker.py SPEC.json
 
 SPEC: {"scenarios": [{"name": str, "config": {...run config dict...}, "stop_at": int|null,
-       "probe": "module:function"|null, "inspect": "module:function"|null}]}
+       "probe": "module:function"|null, "inspect": "module:function"|null, "args": {...}|null}]}
 Each scenario's outcome goes to <run_dir>/worker_result.json (rank 0): the trainer's result,
 or the error text; every scenario of that run dir is also appended to worker_results.jsonl (a
 stopped run and its resume share a run dir). `stop_at` asks the real Stopper to fire after that
 optimizer step, which exercises the real checkpoint-and-exit path. `probe` names a
 function(cfg, world) that runs after the scenario on every rank (e.g. to evaluate an export);
 `inspect` names a function(run) that runs on every rank with the live engine just before the
-training loop starts (trainer/loop.py Run). Both return a JSON-able dict (rank 0's is kept).
+training loop starts (trainer/loop.py Run). Both return a JSON-able dict (rank 0's is kept); ``args``
+are keyword arguments for both (e.g. the step and rank a fault is injected at).
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def _patch_stop(stop_at):
     return original
 
 
-def _patch_train(inspect, out: dict):
+def _patch_train(inspect, out: dict, args: dict):
     """Wrap trainer.loop.train (main.run imports it at call time) to inspect the live run first."""
     import trainer.loop as loop
 
@@ -50,7 +51,7 @@ def _patch_train(inspect, out: dict):
         probe = getattr(importlib.import_module(mod), fn)
 
         def train(run, start_step):
-            out["inspect"] = probe(run)
+            out["inspect"] = probe(run, **args)
             return original(run, start_step)
 
         loop.train = train
@@ -65,13 +66,13 @@ def main() -> int:
         out: dict
         original = _patch_stop(sc.get("stop_at"))
         inspected: dict = {}
-        original_train = _patch_train(sc.get("inspect"), inspected)
+        original_train = _patch_train(sc.get("inspect"), inspected, sc.get("args") or {})
         try:
             cfg = validate(sc["config"], source=sc["name"])
             out = {"result": run(cfg, world), **inspected}
             if sc.get("probe"):
                 mod, fn = sc["probe"].split(":")
-                out["probe"] = getattr(importlib.import_module(mod), fn)(cfg, world)
+                out["probe"] = getattr(importlib.import_module(mod), fn)(cfg, world, **(sc.get("args") or {}))
         except Exception as e:  # recorded for the test to assert on
             failed += 1
             out = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}

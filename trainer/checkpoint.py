@@ -1,11 +1,15 @@
 """Checkpoints (engine.save_checkpoint on every rank + our client state) and the final export.
 
-A checkpoint becomes ``latest`` only after every rank has finished writing it: its ``COMPLETE``
-record, written last, names the step and the world size that wrote it. The oldest complete ones
-beyond ``keep_last`` are pruned. ``latest`` has DeepSpeed's own name and format, so DeepSpeed's
-tools (zero_to_fp32.py, ds_to_universal.py) work on our checkpoints too. A run resumed by another
-world size loads the checkpoint's universal form (:func:`ensure_universal`; the decision is in
-trainer/elastic.py).
+A checkpoint becomes ``latest`` only after every rank has finished writing it: its manifest (every
+file's size and checksum, trainer/manifest.py) and then its ``COMPLETE`` record, written last, which
+names the step and the world size that wrote it. The oldest complete ones beyond ``keep_last`` are
+pruned. ``latest`` has DeepSpeed's own name and format, so DeepSpeed's tools (zero_to_fp32.py,
+ds_to_universal.py) work on our checkpoints too. A resume (:func:`choose`) takes the newest complete
+checkpoint whose files match their manifest: a damaged one is set aside (``DAMAGED``) and the one
+before it is used; a folder a killed save left behind (no ``COMPLETE``) is removed. A save that fails
+(disk full, read-only) raises :class:`CheckpointWriteError` naming the folder and the OS error; the
+previous checkpoint stays ``latest``. A run resumed by another world size loads the checkpoint's
+universal form (:func:`ensure_universal`; the decision is in trainer/elastic.py).
 """
 from __future__ import annotations
 
@@ -18,10 +22,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 from launcher import rundir
+from trainer import manifest
 
 
 class ConversionError(RuntimeError):
     """DeepSpeed's ds_to_universal failed on a checkpoint (raised on every rank)."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """This rank could not write its part of a checkpoint (disk full, read-only, no permission)."""
 
 
 def tag_for(step: int) -> str:
@@ -93,16 +102,28 @@ def written_world(step_dir: Path) -> Optional[int]:
 
 
 def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], keep_last: int, rank: int) -> str:
+    """Every rank writes its part (DeepSpeed's files, its RNG state), then its share of the manifest's
+    checksums; rank 0 writes the manifest, COMPLETE, ``latest``, and prunes. A folder already there for
+    this step (a damaged one, a partial one) is replaced."""
     import torch
     import torch.distributed as dist
 
     tag = tag_for(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    torch.save(_rng_state(), ckpt_dir / tag / rundir.RNG.format(rank=rank))
-    dist.barrier()  # every rank's shards are on disk
+    step_dir = ckpt_dir / tag
+    if rank == 0 and step_dir.exists():
+        shutil.rmtree(step_dir, ignore_errors=True)
+    dist.barrier()
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        torch.save(_rng_state(), step_dir / rundir.RNG.format(rank=rank))
+        dist.barrier()  # every rank's shards are on disk
+        _write_manifest(step_dir, rank)
+        if rank == 0:
+            record = {"step": step, "world_size": dist.get_world_size(), "plan": client_state.get("plan")}
+            _atomic_write(step_dir / rundir.COMPLETE, json.dumps(record) + "\n")
+    except (OSError, RuntimeError) as e:
+        raise _write_error(e, step_dir, rank) from e
     if rank == 0:
-        record = {"step": step, "world_size": dist.get_world_size(), "plan": client_state.get("plan")}
-        (ckpt_dir / tag / rundir.COMPLETE).write_text(json.dumps(record) + "\n")
         _atomic_write(ckpt_dir / rundir.LATEST, tag)
         for old in complete_tags(ckpt_dir)[:-keep_last]:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
@@ -110,8 +131,124 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], keep_l
     return tag
 
 
-def resume(engine, ckpt_dir: Path, rank: int, seed: Optional[int] = None) -> Optional[dict[str, Any]]:
-    """Load ``latest`` if there is one; returns its client state and ``tag`` (or None for a fresh run).
+def _write_manifest(step_dir: Path, rank: int) -> Optional[dict]:
+    """Rank 0 lists the files, each rank checksums its share (trainer/manifest.py), rank 0 writes the
+    manifest (and returns it)."""
+    import torch.distributed as dist
+
+    t0 = time.perf_counter()
+    listing = [manifest.sizes(step_dir) if rank == 0 else None]
+    dist.broadcast_object_list(listing, src=0)
+    mine = manifest.describe(step_dir, manifest.shares(listing[0], dist.get_world_size())[rank])
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, mine)
+    if rank != 0:
+        return None
+    files = {name: entry for part in parts for name, entry in sorted(part.items())}
+    record = {"algorithm": manifest.ALGORITHM, "bytes": sum(e["bytes"] for e in files.values()),
+              "seconds": round(time.perf_counter() - t0, 3), "files": dict(sorted(files.items()))}
+    _atomic_write(step_dir / rundir.MANIFEST, json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def _write_error(error: Exception, step_dir: Path, rank: int) -> Exception:
+    """``error`` raised while this rank wrote ``step_dir``, as a CheckpointWriteError naming the folder
+    and the OS error when it is one (torch.save says only "file write failed": a small probe write in the
+    folder finds the errno, e.g. ENOSPC or EROFS). Anything else (a collective that failed) is returned
+    as it is."""
+    os_error = error if isinstance(error, OSError) else _probe(step_dir)
+    if os_error is None:
+        return error
+    free = shutil.disk_usage(step_dir.parent).free if step_dir.parent.exists() else None
+    latest = latest_tag(step_dir.parent)
+    kept = (f"the previous checkpoint {step_dir.parent / latest} stands (latest still names it)" if latest
+            else "there is no earlier complete checkpoint")
+    return CheckpointWriteError(
+        f"rank {rank} could not write checkpoint {step_dir}: {os_error.strerror or os_error} "
+        f"({os_error.filename or step_dir}{'' if free is None else f'; {free:,} bytes free there'}). Nothing of "
+        f"this checkpoint is used (it has no {rundir.COMPLETE} record) and {kept}. Free some space or fix the "
+        "permissions of the run dir, then rerun with the same run_dir to resume"
+        + ("" if error is os_error else f" (the error: {type(error).__name__}: {error})"))
+
+
+def _probe(folder: Path) -> Optional[OSError]:
+    """The OS error a small write in ``folder`` meets now (None: it works)."""
+    probe = folder / f".write_probe.{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 65536)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return e
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+    return None
+
+
+def verify(step_dir: Path) -> list[str]:
+    """Collective: how the files of a complete checkpoint differ from its manifest (each rank checks
+    its share; every rank gets every problem). Empty: they match, or it predates manifests."""
+    import torch.distributed as dist
+
+    record: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            record[0] = json.loads((step_dir / rundir.MANIFEST).read_text())["files"]
+        except FileNotFoundError:
+            record[0] = {}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            record[0] = f"its {rundir.MANIFEST} cannot be read ({e})"
+    dist.broadcast_object_list(record, src=0)
+    if isinstance(record[0], str):
+        return [record[0]]
+    entries = record[0]
+    mine = manifest.shares({k: v["bytes"] for k, v in entries.items()}, dist.get_world_size())[dist.get_rank()]
+    found: list = [None] * dist.get_world_size()
+    dist.all_gather_object(found, manifest.problems(step_dir, {k: entries[k] for k in mine}))
+    return sorted(p for part in found for p in part)
+
+
+def choose(ckpt_dir: Path) -> Optional[str]:
+    """Collective: the checkpoint to resume from: the newest complete one whose files match their
+    manifest. A damaged one is set aside (its COMPLETE becomes DAMAGED, which says what is wrong: it is
+    never loaded, nor counted or pruned as a checkpoint) with a message, and the one before it is tried;
+    ``latest`` is pointed at the one chosen. Folders a killed save left (no COMPLETE) are removed first.
+    Rank 0 reads the folder and decides; every rank returns the same tag (None: nothing to resume)."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    tags: list = [None]
+    if rank == 0:
+        for partial in sorted(p for p in ckpt_dir.glob("step*") if p.is_dir() and not (p / rundir.COMPLETE).exists()
+                              and not (p / rundir.DAMAGED).exists()):
+            shutil.rmtree(partial, ignore_errors=True)
+            print(f"removed {partial}: a checkpoint whose save never finished (no {rundir.COMPLETE} record)", flush=True)
+        tags[0] = complete_tags(ckpt_dir) if ckpt_dir.is_dir() else []
+    dist.broadcast_object_list(tags, src=0)
+    for tag in reversed(tags[0]):
+        problems = verify(ckpt_dir / tag)
+        if not problems:
+            if rank == 0 and latest_tag(ckpt_dir) != tag:
+                _atomic_write(ckpt_dir / rundir.LATEST, tag)
+            return tag
+        if rank == 0:
+            step_dir = ckpt_dir / tag
+            (step_dir / rundir.DAMAGED).write_text("\n".join(problems) + "\n")
+            (step_dir / rundir.COMPLETE).unlink()
+            print(f"checkpoint {step_dir} is damaged and is not loaded: {'; '.join(problems)}. It is set aside "
+                  f"({step_dir / rundir.DAMAGED} says why); trying the checkpoint before it", flush=True)
+    return None
+
+
+def resume(engine, ckpt_dir: Path, rank: int, seed: Optional[int] = None,
+           tag: Optional[str] = None) -> Optional[dict[str, Any]]:
+    """Load checkpoint ``tag`` (None: :func:`choose` one); returns its client state and ``tag`` (or None
+    when there is none).
 
     An engine configured with ``checkpoint.load_universal`` (a resume on another world size, see
     trainer/elastic.py) loads the checkpoint's universal form, converted first if it is not there yet.
@@ -123,7 +260,7 @@ def resume(engine, ckpt_dir: Path, rank: int, seed: Optional[int] = None) -> Opt
     import torch
     import torch.distributed as dist
 
-    tag = latest_tag(ckpt_dir)
+    tag = tag if tag is not None else choose(ckpt_dir)
     if tag is None:
         return None
     universal = engine.load_universal_checkpoint()

@@ -57,13 +57,14 @@ def unsupported(cfg: RunConfig, tag: str, written: int, world: int) -> list[str]
 
 
 def plan_resume(cfg: RunConfig, world) -> Resume:
-    """Before the model is built: the checkpoint this run resumes from, and in which form. Same world
+    """Before the model is built: the checkpoint this run resumes from (the newest complete one whose
+    files match their manifest: trainer/checkpoint.py ``choose``), and in which form. Same world
     (or ZeRO-0, which does not partition): DeepSpeed's own files. Another world: the universal form,
     converted now (rank 0, once; every rank waits). What DeepSpeed cannot convert is refused
     (ConfigError, exit 2). The global batch needs no check here: the run dir holds one run's config
     (launcher/rules.py), and fit_world keeps its global batch in any world."""
     ckpt_dir = RunDir(cfg.run_dir).checkpoints
-    tag = checkpoint.latest_tag(ckpt_dir) if cfg.checkpoint.resume else None
+    tag = checkpoint.choose(ckpt_dir) if cfg.checkpoint.resume else None  # the newest undamaged one
     if tag is None:
         return Resume(world=world.world_size)
     written = checkpoint.written_world(ckpt_dir / tag)

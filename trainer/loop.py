@@ -1,6 +1,7 @@
 """The training loop and evaluation. Read top to bottom: one optimizer step per iteration."""
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +11,9 @@ from launcher.batch import BatchPlan
 from launcher.config import RunConfig
 from launcher.rundir import RunDir
 from trainer import data as D
+from trainer.checkpoint import tag_for
 from trainer.dist import World, reduce_and_read
+from trainer.faults import NonFinite, Watchdog
 from trainer.methods import StepHooks
 from trainer.monitor import FlopModel, Monitor, memory_gb
 from trainer.optim import GradNorm, group_lrs
@@ -34,6 +37,7 @@ class Run:
     save: Callable[[int], None]  # checkpoint at a step
     should_stop: Callable[[], bool]  # this rank's stop request (no collective: the loop fuses the poll)
     task: Task  # trainer/tasks.py: loss and metrics of the task (causal LM, sequence / token classification)
+    nonfinite: NonFinite  # trainer/faults.py: the non-finite-step policy and its count (kept in checkpoints)
     best: Any = None  # trainer/early_stop.py EarlyStopping, or None (the export is the last step)
     save_best: Optional[Callable[[int], None]] = None  # checkpoint the best evaluation so far
     hooks: StepHooks = field(default_factory=StepHooks)  # trainer/methods.py: per-step calls (AdaLoRA)
@@ -75,7 +79,8 @@ def evaluate_and_report(run: Run, step: int) -> dict[str, float]:
 
 
 def train(run: Run, start_step: int) -> str:
-    """Optimizer steps start_step..total_steps-1. Returns "done", "early_stopped" or "preempted"."""
+    """Optimizer steps start_step..total_steps-1. Returns "done", "early_stopped", "preempted" or
+    "nonfinite" (train.max_nonfinite_steps non-finite steps in a row: trainer/faults.py)."""
     from tqdm import tqdm
 
     cfg, w, engine, plan, rows = run.cfg, run.world, run.engine, run.plan, run.train_ds
@@ -92,8 +97,11 @@ def train(run: Run, start_step: int) -> str:
                disable=not (w.is_main and cfg.logging.progress_bar))
     engine.train()
     norm = GradNorm(engine)
+    nonfinite = run.nonfinite
+    watchdog = Watchdog(cfg.dist.step_timeout_s, w.rank)  # dist.step_timeout_s: a hung step ends the process
     try:
         for step in range(start_step, run.total_steps):
+            watchdog.arm(step + 1)
             t0 = time.perf_counter()
             lr = engine.get_lr()[0]
             group_lr = group_lrs(engine.optimizer)  # per parameter group: layer-wise decay, unfreezing
@@ -109,25 +117,29 @@ def train(run: Run, start_step: int) -> str:
             for batch in batches:
                 loss = run.task.loss_sum(engine, batch, w.device)
                 engine.backward(loss * scale)
-                if batch is batches[-1]:  # the step's gradients are complete
+                last = batch is batches[-1]  # the step's gradients are complete
+                if last:
                     run.hooks.before_step(step)  # (AdaLoRA reads them)
                     norm.before_step()
-                engine.step()
+                with nonfinite.guard(norm) if last else contextlib.nullcontext():  # a NaN/Inf norm: no update
+                    engine.step()
                 loss_sum = loss_sum + loss.detach()
             run.hooks.after_step(step)
             # The step's one collective and one host sync: the loss for the log and the stop poll
             # (every rank checkpoints and stops at the same step when any rank was asked to).
             (loss_sum, stops), (grad_norm,) = reduce_and_read([loss_sum, float(run.should_stop())],
                                                               [norm.after_step()], w.device)
+            watchdog.disarm()
             loss = loss_sum / n_target
             dt = time.perf_counter() - t0
             done = step + 1
+            skipped = nonfinite.count(done, loss, grad_norm)  # DeepSpeed skipped it (or the guard did)
 
             computed = plan.micro_batch_size * sum(s[1] for s in shapes)  # padded tokens the model ran
             metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                        "train/tokens_per_s": n_input / dt, "train/samples_per_s": plan.global_batch_size / dt,
                        "train/step_time_s": dt, "train/padding_fraction": 1 - n_input / computed,
-                       "train/epoch": step / max(1, order.steps_per_epoch)}
+                       "train/epoch": step / max(1, order.steps_per_epoch), "train/nonfinite_steps": nonfinite.total}
             if run.peak_tflops:
                 metrics["train/mfu"] = run.flops.step((s[0], s[1]) for s in shapes) / dt / (
                     run.peak_tflops * 1e12 * w.world_size)
@@ -144,6 +156,8 @@ def train(run: Run, start_step: int) -> str:
             run.monitor.log(done, metrics)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
+            if w.is_main and skipped:
+                bar.write(nonfinite.skipped_note(done, loss, grad_norm))
             if w.is_main and (done % cfg.logging.every_steps == 0 or done == run.total_steps or "eval/loss" in metrics):
                 extra = f" eval_loss {metrics['eval/loss']:.4f}" if "eval/loss" in metrics else ""
                 bar.write(f"step {done}/{run.total_steps} loss {loss:.4f} lr {lr:.3g} grad_norm "
@@ -157,13 +171,16 @@ def train(run: Run, start_step: int) -> str:
                     print(f"early stopping at step {done}: {run.best.metric} has not improved by more than "
                           f"{run.best.min_delta} in {run.best.patience} evaluations; {run.best.summary()}", flush=True)
                 return "early_stopped"
-            if done < run.total_steps and stops > 0:
+            if nonfinite.stop or (done < run.total_steps and stops > 0):
                 if not saved:
                     run.save(done)
-                if w.is_main:
+                if w.is_main and nonfinite.stop:
+                    print(nonfinite.stop_message(done, RunDir(cfg.run_dir).checkpoints / tag_for(done)), flush=True)
+                elif w.is_main:
                     print(f"stop requested: checkpointed at step {done}; rerun with the same run_dir to resume", flush=True)
-                return "preempted"
+                return "nonfinite" if nonfinite.stop else "preempted"
         return "done"
     finally:
+        watchdog.close()
         bar.close()
         prefetch.close()

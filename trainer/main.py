@@ -42,6 +42,7 @@ def run(cfg: RunConfig, world) -> dict:
     from launcher.ds_config import LOAD_UNIVERSAL, build_ds_config
     from trainer import checkpoint
     from trainer.early_stop import EarlyStopping
+    from trainer.faults import NonFinite
     from trainer.elastic import plan_resume
     from trainer.finish import finish
     from trainer.loop import Run, train
@@ -92,7 +93,7 @@ def run(cfg: RunConfig, world) -> dict:
         *[f"NOTE: {n}" for n in (note, resume.note) if n]])
 
     ckpt_dir = run_dir.checkpoints
-    state = checkpoint.resume(engine, ckpt_dir, world.rank, cfg.seed) if resume.tag else None
+    state = checkpoint.resume(engine, ckpt_dir, world.rank, cfg.seed, resume.tag) if resume.tag else None
     start_step = int(state["step"]) if state else 0
     if state and world.is_main:
         how = f" (written by {resume.written_world} ranks; its universal form)" if resume.universal else ""
@@ -103,11 +104,13 @@ def run(cfg: RunConfig, world) -> dict:
     monitor.log(start_step, {"model/trainable_params": method.n_trainable, "model/trainable_fraction": method.fraction,
                              "train/total_steps": total_steps, **data.stats})  # total: for `launcher status`
     stopper = Stopper(run_dir.stop)
+    nonfinite = NonFinite(engine, t.on_nonfinite, t.max_nonfinite_steps, (state or {}).get("nonfinite_steps", 0),
+                          start_step)  # steps with a NaN/Inf loss or gradient norm: never applied
 
     def save(step: int) -> None:
         checkpoint.save(engine, ckpt_dir, step, {"step": step, "plan": [plan.micro_batch_size, plan.grad_accum,
-                        plan.world_size], "early_stopping": best.state() if best else None},
-                        cfg.checkpoint.keep_last, world.rank)
+                        plan.world_size], "early_stopping": best.state() if best else None,
+                        "nonfinite_steps": nonfinite.total}, cfg.checkpoint.keep_last, world.rank)
 
     def save_best(step: int) -> None:  # the best evaluation so far, in its own folder until beaten
         checkpoint.save(engine, run_dir.best, step, {"step": step}, 1, world.rank)
@@ -116,7 +119,7 @@ def run(cfg: RunConfig, world) -> dict:
                pad_id=tok.pad_token_id, total_steps=total_steps, monitor=monitor,
                flops=flop_model(engine.module), peak_tflops=peak_tflops(cfg.logging.peak_tflops),
                save=save, should_stop=stopper.local,
-               task=data.task, best=best, save_best=save_best, hooks=method.hooks)
+               task=data.task, nonfinite=nonfinite, best=best, save_best=save_best, hooks=method.hooks)
     status = train(loop, start_step)
     result = finish(loop, status, tok, method.is_peft)
     monitor.close()
@@ -152,7 +155,9 @@ def write_run_files(cfg: RunConfig, world, ds_config: dict, facts: dict, lines: 
 
 
 def main(argv=None) -> int:
+    from trainer.checkpoint import CheckpointWriteError
     from trainer.data import DataError
+    from trainer.faults import EXIT_CHECKPOINT_WRITE, exit_code
     from trainer.model import ModelError
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
@@ -171,12 +176,15 @@ def main(argv=None) -> int:
         if world.is_main:
             print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except CheckpointWriteError as e:  # disk full, read-only, ...: each rank that failed says so
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CHECKPOINT_WRITE
     finally:
         import torch.distributed as dist
 
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0 if result["status"] in ("done", "already_done", "preempted") else 1
+    return exit_code(result["status"])
 
 
 if __name__ == "__main__":

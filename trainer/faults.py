@@ -1,0 +1,160 @@
+"""Faults inside the training step: non-finite steps (train.on_nonfinite) and a hung step
+(dist.step_timeout_s). README "What it survives" lists every fault and the test that shows it.
+
+Non-finite steps. A step whose loss or gradient norm is NaN/Inf updates nothing: no weight, no
+optimizer state, no LR-schedule step. DeepSpeed skips such a step itself wherever it checks the norm
+(ZeRO-1/2/3, and every bf16 path: its overflow check zeroes the gradients, leaves the optimizer and
+the scheduler alone and reports the norm as inf; launcher/ds_config.py owns bf16.check_grad_overflow
+so that ZeRO-1/2 bf16 checks too). Plain fp32 ZeRO-0 hands the gradients straight to the torch
+optimizer with no check at all; there :meth:`NonFinite.guard` makes that step a no-op in the same
+way. The verdict is the same on every rank: the norm is over the reduced gradients of all ranks (a
+NaN on one rank reaches every rank's), and the loss read in the step's one sync is summed over ranks.
+
+A hung step. :class:`Watchdog` is a thread armed at each step's start and disarmed after the step's
+sync; a step that outlives ``dist.step_timeout_s`` ends the process with a message naming the step
+and the rank, and every thread's Python stack (which says where this rank is stuck).
+"""
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import math
+import os
+import socket
+import sys
+import threading
+import time
+from typing import Callable, Optional
+
+# Exit codes of a rank (0 done or preempted, 1 a crash, 2 a config or data error: trainer/main.py).
+EXIT_NONFINITE = 3  # stopped after train.max_nonfinite_steps non-finite steps in a row (checkpointed)
+EXIT_HUNG = 4  # a step outlived dist.step_timeout_s
+EXIT_CHECKPOINT_WRITE = 5  # a checkpoint could not be written (disk full, read-only, ...); the previous one stands
+
+
+def exit_code(status: str) -> int:
+    """A finished run's exit code from train()'s status: done, already done or preempted (checkpointed
+    to resume) 0; stopped on non-finite steps 3; anything else 1."""
+    return {"done": 0, "already_done": 0, "preempted": 0, "nonfinite": EXIT_NONFINITE}.get(status, 1)
+
+
+class NonFinite:
+    """The non-finite-step policy and its counters (``train.on_nonfinite``, ``max_nonfinite_steps``)."""
+
+    def __init__(self, engine, policy: str, limit: int, total: int = 0, start_step: int = 0):
+        self.engine, self.policy, self.limit = engine, policy, limit
+        # fp16: an overflow of the loss-scaled gradients with a finite loss is DeepSpeed's dynamic loss
+        # scaling at work (it skips the step and lowers the scale); only a non-finite loss counts there.
+        self.scaled = engine.fp16_enabled()
+        self.total = total  # non-finite steps of the run (kept in checkpoints; logged as train/nonfinite_steps)
+        self.in_a_row = 0  # counted from this start: a resumed run gets max_nonfinite_steps anew
+        self.last_good = start_step  # the state the model is in is the one after this step
+
+    @contextlib.contextmanager
+    def guard(self, norm):
+        """Around the engine.step() that ends a step. ``norm``: trainer/optim.py GradNorm after
+        before_step(). On plain fp32 ZeRO-0 (where GradNorm computes the norm itself) a non-finite norm
+        makes that engine.step() apply nothing: DeepSpeed clips the gradients, calls the optimizer
+        (here a no-op), then drops the gradients; ``overflow`` is what DeepSpeed's own optimizers say
+        on a skipped step, so the engine counts it as skipped and leaves the LR schedule alone. This
+        reads the norm on the host, one sync that DeepSpeed's checking paths make inside their step."""
+        if not norm.own or norm.value is None or math.isfinite(float(norm.value)):
+            yield
+            return
+        optimizer = self.engine.optimizer  # the client torch optimizer itself on this path
+        step = optimizer.step
+        optimizer.step = lambda *args, **kwargs: None
+        optimizer.overflow = True
+        try:
+            yield
+        finally:
+            optimizer.step = step
+            del optimizer.overflow
+
+    def count(self, step: int, loss: float, grad_norm: Optional[float]) -> bool:
+        """After optimizer step ``step`` (1-based) with the loss and norm every rank read: was it
+        non-finite (so its update was skipped)?"""
+        bad = not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm) and not self.scaled)
+        if bad:
+            self.total += 1
+            self.in_a_row += 1
+        else:
+            self.in_a_row = 0
+            self.last_good = step
+        return bad
+
+    @property
+    def stop(self) -> bool:
+        return self.policy == "stop" and self.in_a_row >= self.limit
+
+    def skipped_note(self, step: int, loss: float, grad_norm: Optional[float]) -> str:
+        limit = (f" of at most {self.limit} (train.on_nonfinite=stop, train.max_nonfinite_steps={self.limit})"
+                 if self.policy == "stop" else " (train.on_nonfinite=skip)")
+        return (f"step {step}: non-finite loss {loss} / gradient norm {grad_norm}: its update was skipped (weights, "
+                f"optimizer state and LR schedule unchanged); {self.in_a_row} in a row{limit}, {self.total} so far")
+
+    def stop_message(self, step: int, checkpoint) -> str:
+        first = step - self.in_a_row + 1
+        good = f"step {self.last_good}" if self.last_good else "step 0 (the initial weights)"
+        return (f"stopped: steps {first}-{step} had a non-finite loss or gradient norm ({self.in_a_row} in a row, "
+                f"train.max_nonfinite_steps={self.limit}); none of them was applied, so checkpoint {checkpoint} holds "
+                f"the weights and optimizer state after {good}. Usual causes: a learning rate too high for this model, "
+                f"broken rows in the data of these steps, an overflow in low precision. Rerunning with the same "
+                f"run dir resumes from that checkpoint after the bad steps; add train.on_nonfinite=skip to skip "
+                f"such steps and go on (exit code {EXIT_NONFINITE})")
+
+
+class Watchdog:
+    """``dist.step_timeout_s``: a step that has not finished that long after it started ends this
+    process (exit 4) with a message naming the step and the rank, and the Python stack of every thread.
+    0 = off (no thread). Armed at each step's start and disarmed after the step's sync, so evaluation
+    and checkpoint saves are not timed (their collectives have the process-group timeout,
+    dist.timeout_min). Every rank of a hung step fires at about the same time: the stuck rank, and
+    the ranks waiting for it in a collective (their stacks show the collective). Before it exits a
+    firing rank waits ``grace_s``, so that the other ranks' reports are printed too before the
+    launcher (torchrun, srun) stops them."""
+
+    def __init__(self, timeout_s: float, rank: int, grace_s: float = 3.0,
+                 exit: Callable[[int], None] = os._exit):
+        self.timeout_s, self.rank, self.grace_s, self._exit = timeout_s, rank, grace_s, exit
+        self._armed: Optional[tuple[int, float]] = None  # (step, deadline): one attribute, written at once
+        self._closed = threading.Event()
+        self._thread = None
+        if timeout_s > 0:
+            self._thread = threading.Thread(target=self._watch, name="step-watchdog", daemon=True)
+            self._thread.start()
+
+    def arm(self, step: int) -> None:
+        if self._thread is not None:
+            self._armed = (step, time.monotonic() + self.timeout_s)
+
+    def disarm(self) -> None:
+        self._armed = None
+
+    def close(self) -> None:
+        self._armed = None
+        self._closed.set()
+
+    def _watch(self) -> None:
+        # A new deadline is always later than the one being waited for, and a disarmed watchdog
+        # re-checks every timeout_s: no deadline is ever passed by more than the thread's wake-up.
+        while not self._closed.is_set():
+            armed = self._armed
+            wait = self.timeout_s if armed is None else armed[1] - time.monotonic()
+            if armed is not None and wait <= 0 and armed is self._armed:
+                self._fire(armed[0])
+                return
+            self._closed.wait(max(wait, 0.01))
+
+    def _fire(self, step: int) -> None:
+        t = f"{self.timeout_s:g}"
+        print(f"error: rank {self.rank} (host {socket.gethostname()}, pid {os.getpid()}): step {step} has not "
+              f"finished after {t} s (dist.step_timeout_s = {t}). This rank is stuck in it, or waits in a "
+              "collective for a rank that is: the Python stacks below say which (a waiting rank sits in a "
+              "collective such as all_reduce). Ending the process "
+              f"(exit {EXIT_HUNG}) so that the job fails now instead of hanging until its time limit.",
+              file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        sys.stderr.flush()
+        time.sleep(self.grace_s)
+        self._exit(EXIT_HUNG)
