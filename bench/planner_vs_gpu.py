@@ -106,17 +106,11 @@ def measure(cfg, world, smoke: bool) -> dict:
     from trainer.monitor import read_metrics
 
     if smoke:
-        from torch.profiler import ProfilerActivity, profile
+        from trainer.monitor import PeakBytes
 
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with PeakBytes() as peak:
             result = run(cfg, world)
-        events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                        key=lambda e: e.start_ns())
-        now = peak = 0
-        for e in events:
-            now += e.nbytes()
-            peak = max(peak, now)
-        return {"result": result, "allocated": peak, "reserved": None, "context": None}
+        return {"result": result, "allocated": peak.peak, "reserved": None, "context": None}
     torch.cuda.reset_peak_memory_stats()
     result = run(cfg, world)
     rows = [r for r in read_metrics(Path(cfg.run_dir)) if "train/cuda_max_allocated_gb" in r]

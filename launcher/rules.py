@@ -437,13 +437,12 @@ def model_type_of(cfg: RunConfig, disk: bool = False) -> Optional[str]:
     """The model type: from model.config, or (disk) from the model folder's config.json; None if unknown."""
     if cfg.model.config is not None:
         return cfg.model.config.get("model_type")
-    if disk and cfg.model.name_or_path is not None:
+    if disk and cfg.model.name_or_path is not None and Path(cfg.model.name_or_path).is_dir():
         try:
-            import json
-
-            return json.loads((Path(cfg.model.name_or_path) / "config.json").read_text()).get("model_type")
-        except (OSError, ValueError):
-            return None
+            hf, _ = read_model_folder(Path(cfg.model.name_or_path))
+        except ConfigError:
+            return None  # model_folder_problems says why
+        return hf.get("model_type") if isinstance(hf.get("model_type"), str) else None
     return None
 
 

@@ -276,7 +276,8 @@ def _cpu_peak(model, ids, mask, vocab: int) -> int:
     """Peak bytes the CPU allocator holds above the start of one forward + plain loss + backward
     (the parameters' gradients exist already, as they do from the second step on)."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
+
+    from trainer.monitor import PeakBytes
 
     def step():
         out = model(input_ids=ids, attention_mask=mask)
@@ -286,15 +287,9 @@ def _cpu_peak(model, ids, mask, vocab: int) -> int:
         loss.backward()
 
     step()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with PeakBytes() as peak:
         step()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    now = peak = 0
-    for e in events:
-        now += e.nbytes()
-        peak = max(peak, now)
-    return peak
+    return peak.peak
 
 
 @pytest.mark.parametrize("vocab,inter,tol", [(32000, 1024, 0.01), (256, 2048, 0.06)])

@@ -88,40 +88,26 @@ def memory_gb(device: str) -> tuple[str, float]:
 
 
 class PeakBytes:
-    """Peak bytes of the tensors created inside a ``with`` block, on any device (the CPU has no
-    torch.cuda.max_memory_allocated): each new storage counts from the op that made it until it is
-    freed. Measurement only (it sees every op). torch's MemTracker refuses a module called more
-    than once per step, which is what the chunked loss does with the head."""
+    """Peak bytes the CPU allocator held above its level at the start of a ``with`` block (the CPU has
+    no torch.cuda.max_memory_allocated): torch.profiler's memory events (every allocation and free,
+    temporaries inside an op included), summed in time order. Measurement only (it records every op)."""
 
-    def __new__(cls):
-        from torch.utils._python_dispatch import TorchDispatchMode
+    def __enter__(self) -> "PeakBytes":
+        from torch.profiler import ProfilerActivity, profile
 
-        class _Mode(TorchDispatchMode):
-            def __init__(self):
-                super().__init__()
-                self.live: dict[int, int] = {}
-                self.now = self.peak = 0
+        self.peak = 0
+        self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._prof.__enter__()
+        return self
 
-            def _free(self, key: int) -> None:
-                self.now -= self.live.pop(key, 0)
-
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                import weakref
-
-                import torch
-                from torch.utils._pytree import tree_leaves
-
-                out = func(*args, **(kwargs or {}))
-                for t in tree_leaves(out):
-                    if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in self.live:
-                        st = t.untyped_storage()
-                        self.live[id(st)] = st.nbytes()
-                        self.now += st.nbytes()
-                        self.peak = max(self.peak, self.now)
-                        weakref.finalize(st, self._free, id(st))
-                return out
-
-        return _Mode()
+    def __exit__(self, *exc) -> None:
+        self._prof.__exit__(*exc)
+        events = sorted((e for e in self._prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                        key=lambda e: e.start_ns())
+        now = 0
+        for e in events:
+            now += e.nbytes()
+            self.peak = max(self.peak, now)
 
 
 class Monitor:
