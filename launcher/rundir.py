@@ -10,10 +10,11 @@
         stepNNNNNNNN/rng_rank{r}.pt   rank r's RNG state
         stepNNNNNNNN/manifest.json    every file's size and checksum (trainer/manifest.py), written before COMPLETE
         stepNNNNNNNN/COMPLETE   written last: the step and the world size that wrote it
-        stepNNNNNNNN/DAMAGED    what a resume found wrong with it (its COMPLETE renamed: never loaded)
         stepNNNNNNNN/universal/ DeepSpeed's universal form, converted once when another world size resumes
                                 it (its own COMPLETE is written last); latest_universal names it;
                                 universal.failed holds a failed conversion's error
+    RUN_DIR/checkpoints/stepNNNNNNNN.damaged/   a checkpoint a resume found damaged, set aside (never loaded,
+                                pruned or replaced); its DAMAGED file (the COMPLETE it had) says what is wrong
     RUN_DIR/eval/stepNNNNNNNN/  classification reports
     RUN_DIR/export/, adapter/   the exported model / peft adapter
     RUN_DIR/STOP                checkpoint at the next step and exit    RUN_DIR/DONE   the run finished
@@ -51,6 +52,7 @@ STEP_TAG = "step{step:08d}"
 COMPLETE = "COMPLETE"
 MANIFEST = "manifest.json"
 DAMAGED = "DAMAGED"
+DAMAGED_SUFFIX = ".damaged"
 RNG = "rng_rank{rank}.pt"
 UNIVERSAL = "universal"
 UNIVERSAL_OPTIMIZER_STATE = "zero/optimizer_state.pt"  # DeepSpeed's, inside universal/: the param groups

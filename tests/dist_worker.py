@@ -1,6 +1,7 @@
 """Runs several training scenarios inside ONE multi-rank launch (a 2-rank start costs ~9 s).
 
     torchrun --nproc_per_node 2 tests/dist_worker.py SPEC.json
+    torchrun --nproc_per_node 2 tests/dist_worker.py --main SPEC.json -- --config CONFIG  (main_with_fault)
 
 SPEC: {"scenarios": [{"name": str, "config": {...run config dict...}, "stop_at": int|null,
        "probe": "module:function"|null, "inspect": "module:function"|null, "args": {...}|null}]}
@@ -58,7 +59,20 @@ def _patch_train(inspect, out: dict, args: dict):
     return original
 
 
+def main_with_fault() -> int:
+    """``dist_worker.py --main SPEC.json -- TRAINER ARGS``: the real entry point (trainer/main.py main:
+    its error handling and exit codes) with the spec's ``inspect`` hook (and ``args``) installed, for a
+    fault that must happen inside the run (tests/probes_faults.py)."""
+    from trainer.main import main as trainer_main
+
+    spec = json.loads(Path(sys.argv[2]).read_text())
+    _patch_train(spec["inspect"], {}, spec.get("args") or {})
+    return trainer_main(sys.argv[sys.argv.index("--") + 1:])
+
+
 def main() -> int:
+    if sys.argv[1] == "--main":
+        return main_with_fault()
     spec = json.loads(Path(sys.argv[1]).read_text())
     world = init_distributed()
     failed = 0

@@ -30,11 +30,43 @@ def _at_steps(run, hook, first: int, until=None, rank=None):
     run.engine.module.model.norm.register_forward_hook(forward_hook)
 
 
+def _fingerprint(engine) -> list[float]:
+    """This rank's share of the weights as two float64 sums (ZeRO-3: its partitions, p.ds_tensor)."""
+    import torch
+
+    total = squares = 0.0
+    for p in engine.module.parameters():
+        t = (p.ds_tensor if hasattr(p, "ds_tensor") else p.data).detach().double()
+        total += t.sum().item()
+        squares += (t * t).sum().item()
+    return [total, squares]
+
+
+def record_steps(run) -> list[dict]:
+    """Around every engine.step() that ends an optimizer step: the weights before and after, whether
+    DeepSpeed says it applied the step, and the LR scheduler's step count (appended as training runs)."""
+    engine, steps = run.engine, []
+    original = engine.step
+
+    def step(*args, **kwargs):
+        boundary = engine.is_gradient_accumulation_boundary()
+        before = _fingerprint(engine) if boundary else None
+        out = original(*args, **kwargs)
+        if boundary:
+            scheduler = engine.lr_scheduler
+            steps.append({"before": before, "after": _fingerprint(engine), "applied": engine.was_step_applied(),
+                          "scheduler_steps": getattr(scheduler, "last_epoch", None)})
+        return out
+
+    engine.step = step
+    return steps
+
+
 def nan_at(run, step: int, until=None, rank: int = 1, **_) -> dict:
     """This rank's hidden states become NaN from optimizer step ``step`` (so its loss and every
-    gradient do; the reduction carries the NaN to every rank)."""
+    gradient do; the reduction carries the NaN to every rank). Records every step (record_steps)."""
     _at_steps(run, lambda m, out: out * float("nan"), step, until, rank)
-    return {}
+    return {"steps": record_steps(run)}
 
 
 def sleep_at(run, step: int, rank: int = 1, seconds: float = 120.0, **_) -> dict:

@@ -5,11 +5,12 @@ file's size and checksum, trainer/manifest.py) and then its ``COMPLETE`` record,
 names the step and the world size that wrote it. The oldest complete ones beyond ``keep_last`` are
 pruned. ``latest`` has DeepSpeed's own name and format, so DeepSpeed's tools (zero_to_fp32.py,
 ds_to_universal.py) work on our checkpoints too. A resume (:func:`choose`) takes the newest complete
-checkpoint whose files match their manifest: a damaged one is set aside (``DAMAGED``) and the one
-before it is used; a folder a killed save left behind (no ``COMPLETE``) is removed. A save that fails
-(disk full, read-only) raises :class:`CheckpointWriteError` naming the folder and the OS error; the
-previous checkpoint stays ``latest``. A run resumed by another world size loads the checkpoint's
-universal form (:func:`ensure_universal`; the decision is in trainer/elastic.py).
+checkpoint whose files match their manifest: a damaged one is set aside (renamed ``STEP.damaged``,
+``DAMAGED`` in it says why) and the one before it is used; a folder a killed save left behind (no
+``COMPLETE``) is removed. A save that fails (disk full, read-only) raises
+:class:`CheckpointWriteError` naming the folder and the OS error; the previous checkpoint stays
+``latest``. A run resumed by another world size loads the checkpoint's universal form
+(:func:`ensure_universal`; the decision is in trainer/elastic.py).
 """
 from __future__ import annotations
 
@@ -215,9 +216,8 @@ def verify(step_dir: Path) -> list[str]:
 
 def choose(ckpt_dir: Path) -> Optional[str]:
     """Collective: the checkpoint to resume from: the newest complete one whose files match their
-    manifest. A damaged one is set aside (its COMPLETE becomes DAMAGED, which says what is wrong: it is
-    never loaded, nor counted or pruned as a checkpoint) with a message, and the one before it is tried;
-    ``latest`` is pointed at the one chosen. Folders a killed save left (no COMPLETE) are removed first.
+    manifest. A damaged one is set aside (:func:`_set_aside`) with a message, and the one before it is
+    tried; ``latest`` is pointed at the one chosen. Folders a killed save left (no COMPLETE) are removed first.
     Rank 0 reads the folder and decides; every rank returns the same tag (None: nothing to resume)."""
     import torch.distributed as dist
 
@@ -238,11 +238,24 @@ def choose(ckpt_dir: Path) -> Optional[str]:
             return tag
         if rank == 0:
             step_dir = ckpt_dir / tag
-            (step_dir / rundir.DAMAGED).write_text("\n".join(problems) + "\n")
-            (step_dir / rundir.COMPLETE).unlink()
-            print(f"checkpoint {step_dir} is damaged and is not loaded: {'; '.join(problems)}. It is set aside "
-                  f"({step_dir / rundir.DAMAGED} says why); trying the checkpoint before it", flush=True)
+            aside = _set_aside(step_dir, problems)
+            print(f"checkpoint {step_dir} is damaged and is not loaded: {'; '.join(problems)}. It is set aside as "
+                  f"{aside} ({rundir.DAMAGED} there says why; delete it when done looking); trying the checkpoint "
+                  "before it", flush=True)
     return None
+
+
+def _set_aside(step_dir: Path, problems: list[str]) -> Path:
+    """A damaged checkpoint: its COMPLETE becomes DAMAGED (what is wrong), and the folder is renamed
+    STEP.damaged (numbered if taken), so that it is never loaded, pruned or replaced by a later save."""
+    (step_dir / rundir.DAMAGED).write_text("\n".join(problems) + "\n")
+    (step_dir / rundir.COMPLETE).unlink()
+    aside, n = step_dir.with_name(step_dir.name + rundir.DAMAGED_SUFFIX), 1
+    while aside.exists():
+        n += 1
+        aside = step_dir.with_name(f"{step_dir.name}{rundir.DAMAGED_SUFFIX}{n}")
+    step_dir.rename(aside)
+    return aside
 
 
 def resume(engine, ckpt_dir: Path, rank: int, seed: Optional[int] = None,

@@ -1,0 +1,107 @@
+"""Units of the fault handling (no ranks): the manifest's checks on real files, the non-finite step
+counter, the step watchdog's thread, exit codes. The faults themselves are injected into real ranks in
+tests/test_faults_dist.py."""
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import pytest
+
+from trainer import manifest
+from trainer.faults import EXIT_HUNG, EXIT_NONFINITE, NonFinite, Watchdog, exit_code
+
+
+def _files(folder, sizes):
+    for name, n in sizes.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(bytes(range(256)) * (n // 256) + b"x" * (n % 256))
+    return manifest.sizes(folder)
+
+
+def test_the_manifest_finds_a_flipped_byte_a_cut_file_and_a_missing_one(tmp_path):
+    listing = _files(tmp_path, {"a.pt": 5000, "b.pt": 70000, "sub/c.pt": 10})
+    (tmp_path / "COMPLETE").write_text("{}")  # records are not hashed
+    assert listing == {"a.pt": 5000, "b.pt": 70000, "sub/c.pt": 10}
+    entries = manifest.describe(tmp_path, sorted(listing))
+    assert manifest.problems(tmp_path, entries) == []
+    data = bytearray((tmp_path / "b.pt").read_bytes())
+    data[40000] ^= 1  # same size, one bit: only the checksum can see it
+    (tmp_path / "b.pt").write_bytes(bytes(data))
+    with open(tmp_path / "a.pt", "r+b") as f:
+        f.truncate(2500)
+    (tmp_path / "sub" / "c.pt").unlink()
+    found = manifest.problems(tmp_path, entries)
+    assert found[0] == "a.pt has 2500 bytes, the manifest says 5000"
+    assert found[1].startswith("b.pt has other bytes than were saved (xxh3_64 ")
+    assert found[2] == "sub/c.pt is missing"
+
+
+def test_checksum_shares_balance_bytes_and_cover_every_file_once():
+    files = {f"f{i}": size for i, size in enumerate([900, 100, 500, 500, 300, 200, 50])}
+    shares = manifest.shares(files, 3)
+    assert sorted(n for s in shares for n in s) == sorted(files)
+    loads = [sum(files[n] for n in s) for s in shares]
+    assert max(loads) - min(loads) <= 100, loads
+    assert manifest.shares(files, 3) == shares  # the same on every rank
+
+
+class _Engine:
+    def __init__(self, fp16=False):
+        self._fp16 = fp16
+
+    def fp16_enabled(self):
+        return self._fp16
+
+
+def test_nonfinite_counts_in_a_row_and_stops_at_the_limit():
+    nf = NonFinite(_Engine(), "stop", 2, total=1, start_step=4)
+    assert not nf.count(5, 1.0, 0.5) and nf.last_good == 5
+    assert nf.count(6, math.nan, 0.5) and not nf.stop
+    assert nf.count(7, 1.0, math.inf) and nf.stop and nf.total == 3  # a finite loss with an inf norm counts
+    assert "steps 6-7 had a non-finite loss" in nf.stop_message(7, "CKPT") and "after step 5" in nf.stop_message(7, "C")
+    skip = NonFinite(_Engine(), "skip", 1)
+    assert skip.count(1, math.nan, None) and not skip.stop
+
+
+def test_fp16_overflow_with_a_finite_loss_is_the_loss_scaler_at_work_not_a_bad_step():
+    nf = NonFinite(_Engine(fp16=True), "stop", 1)
+    assert not nf.count(1, 2.0, math.inf) and not nf.stop
+    assert nf.count(2, math.inf, math.inf) and nf.stop
+
+
+def test_the_watchdog_fires_once_for_a_step_that_outlives_the_timeout(capfd):
+    fired = []
+    done = threading.Event()
+
+    def exit_(code):
+        fired.append(code)
+        done.set()
+
+    w = Watchdog(0.3, rank=1, grace_s=0, exit=exit_)
+    w.arm(1)
+    w.disarm()  # a step that finished in time
+    time.sleep(0.5)
+    assert fired == []
+    w.arm(7)
+    assert done.wait(5)
+    assert fired == [EXIT_HUNG]
+    err = capfd.readouterr().err
+    assert "error: rank 1 " in err and "step 7 has not finished after 0.3 s (dist.step_timeout_s = 0.3)" in err
+    assert "test_the_watchdog_fires_once" in err  # every thread's stack, this test's among them
+    w.close()
+
+
+def test_a_zero_timeout_starts_no_thread():
+    before = threading.active_count()
+    w = Watchdog(0, rank=0)
+    w.arm(1)
+    assert threading.active_count() == before
+    w.close()
+
+
+@pytest.mark.parametrize("status,code", [("done", 0), ("already_done", 0), ("preempted", 0), ("crashed", 1),
+                                         ("nonfinite", EXIT_NONFINITE)])
+def test_exit_codes(status, code):
+    assert exit_code(status) == code
