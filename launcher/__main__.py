@@ -28,9 +28,9 @@ from typing import Optional
 
 from launcher import rundir
 from launcher.config import ConfigError, RunConfig
+from launcher.errors import EXIT_USER_ERROR
 
 REPO = Path(__file__).resolve().parent.parent
-EXIT_USER_ERROR = 2
 
 
 def _parser() -> argparse.ArgumentParser:

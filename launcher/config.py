@@ -118,7 +118,7 @@ class DistConfig(_Section):
     flight_recorder: bool = False
     # Step watchdog: a training step that has not finished after this many seconds (a hung collective,
     # a stuck rank) ends the process with a message naming the step and the rank (exit 4); 0 = off.
-    step_timeout_s: float = Field(0.0, ge=0)
+    step_timeout_s: float = Field(0.0, ge=0, le=30 * 24 * 3600)  # at most 30 days
 
 
 # Keys that say how a job runs and copes, not what it trains: a resubmission of a run may change them

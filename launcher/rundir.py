@@ -15,6 +15,8 @@
                                 universal.failed holds a failed conversion's error
     RUN_DIR/checkpoints/stepNNNNNNNN.damaged/   a checkpoint a resume found damaged, set aside (never loaded,
                                 pruned or replaced); its DAMAGED file (the COMPLETE it had) says what is wrong
+    RUN_DIR/checkpoints/stepNNNNNNNN.old/   a complete checkpoint of a step being saved again (best/ after
+                                a restart), removed once the new one is complete, put back if it never is
     RUN_DIR/eval/stepNNNNNNNN/  classification reports
     RUN_DIR/export/, adapter/   the exported model / peft adapter
     RUN_DIR/STOP                checkpoint at the next step and exit    RUN_DIR/DONE   the run finished
@@ -53,6 +55,7 @@ COMPLETE = "COMPLETE"
 MANIFEST = "manifest.json"
 DAMAGED = "DAMAGED"
 DAMAGED_SUFFIX = ".damaged"
+REPLACED_SUFFIX = ".old"  # a complete checkpoint of a step being saved again, until the new one is complete
 RNG = "rng_rank{rank}.pt"
 UNIVERSAL = "universal"
 UNIVERSAL_OPTIMIZER_STATE = "zero/optimizer_state.pt"  # DeepSpeed's, inside universal/: the param groups
@@ -63,7 +66,7 @@ SLURM_ERR = "slurm-%j.err"
 JOBS = "jobs.jsonl"
 CANCEL = "CANCEL"
 FLIGHT_RECORDER = "flight_recorder"
-USER_ERROR = ".user_error"  # + ".<job>": a rank exited 2 (trainer/node.py); the batch script reads and removes it
+NO_RETRY = ".no_retry"  # + ".<job>": a rank exited 2, 3 or 5 (trainer/node.py); the batch script reads and removes it
 SWEEP_INDEX = "sweep.json"
 SWEEP_TASKS = "tasks"
 SLURM_ARRAY_OUT = "slurm-%A_%a.out"  # array task: %A = the array's job id, %a = the task index
@@ -110,8 +113,8 @@ class RunDir:
         id is ARRAYID_TASK: slurm-%A_%a.out gives the same name."""
         return tuple(self.root / name.replace("%j", job_id) for name in (SLURM_OUT, SLURM_ERR))
 
-    def user_error(self, job_id: str) -> Path:
-        return self.root / f"{USER_ERROR}.{job_id}"
+    def no_retry(self, job_id: str) -> Path:
+        return self.root / f"{NO_RETRY}.{job_id}"
 
     def eval_report(self, step: int) -> Path:
         return self.root / EVAL / STEP_TAG.format(step=step)

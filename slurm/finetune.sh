@@ -88,16 +88,17 @@ else
 fi
 echo "[finetune] $NNODES node(s) x $NPROC rank(s); rendezvous $HEAD_NODE:$PORT"
 
-# trainer.node is torchrun that also drops USER_ERROR when a rank exits 2 (config or data): never retried.
-USER_ERROR="$RUN_DIR/.user_error.$JOB_KEY"
-rm -f "$USER_ERROR"
-user_error=0
+# trainer.node is torchrun that also writes NO_RETRY when a rank exits with a code a retry cannot cure
+# (2 config or data, 3 non-finite steps, 5 checkpoint write): the job ends with it, never restarted.
+NO_RETRY="$RUN_DIR/.no_retry.$JOB_KEY"
+rm -f "$NO_RETRY"
+final=0
 while :; do
   # bash runs traps only between commands, so srun runs in the background and we wait for it.
   srun --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
     ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} \
-    bash -c 'exec "$0" -m trainer.node --user-error-file "$1" --node-rank="$SLURM_NODEID" "${@:2}"' \
-    "$PYTHON" "$USER_ERROR" \
+    bash -c 'exec "$0" -m trainer.node --no-retry-file "$1" --node-rank="$SLURM_NODEID" "${@:2}"' \
+    "$PYTHON" "$NO_RETRY" \
     --nnodes="$NNODES" --nproc-per-node="$NPROC" --master-addr="$HEAD_NODE" --master-port="$PORT" \
     -m trainer.main --config "$CONFIG" "${OVERRIDES[@]}" &
   srun_pid=$!
@@ -107,10 +108,11 @@ while :; do
     rc=$?
     [ "$interrupted" = 1 ] || break  # a trapped signal ended `wait` early: srun is still running
   done
-  if [ -e "$USER_ERROR" ]; then
-    user_error=1
-    cat "$USER_ERROR" >&2
-    rm -f "$USER_ERROR"
+  if [ -e "$NO_RETRY" ]; then
+    final=$(sed -n 's/.* exited \([0-9]*\) (.*/\1/p' "$NO_RETRY" | head -n 1)
+    final=${final:-1}
+    cat "$NO_RETRY" >&2
+    rm -f "$NO_RETRY"
     break
   fi
   if [ "$rc" -eq 0 ] || [ "$stop_requested" = 1 ] || [ -e "$RUN_DIR/DONE" ] || [ "$attempt" -ge "$MAX_RESTARTS" ]; then
@@ -127,10 +129,16 @@ if [ -e "$RUN_DIR/DONE" ]; then
   record end finished
   exit 0
 fi
-if [ "$user_error" = 1 ]; then
+if [ "$final" = 2 ]; then
   echo "[finetune] a rank stopped on a problem with the config or data (exit 2; see above): not retried" >&2
   record end user_error
   exit 2
+fi
+if [ "$final" != 0 ]; then
+  echo "[finetune] a rank stopped with exit $final (see above), which a restart cannot cure: not retried;" \
+       "complete checkpoints stay in $RUN_DIR/checkpoints" >&2
+  record end failed "exit $final, not retried"
+  exit "$final"
 fi
 if [ "$rc" -ne 0 ]; then
   echo "[finetune] training failed (exit $rc, after $attempt in-job restart(s)); complete checkpoints stay in" \

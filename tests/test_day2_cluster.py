@@ -280,7 +280,7 @@ def test_a_config_or_data_error_is_never_restarted(day2):
     assert "not retried" in err and "restarting them" not in err
     events = [json.loads(line) for line in (u["run_dir"] / "jobs.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events] == ["submitted", "start", "end"] and events[-1]["detail"] == "user_error"
-    assert not list(u["run_dir"].glob(".user_error*"))  # the batch script removed the marker
+    assert not list(u["run_dir"].glob(".no_retry*"))  # the batch script removed the marker
 
 
 # --------------------------------------------------------------------------- cancel

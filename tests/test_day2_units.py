@@ -64,7 +64,7 @@ def test_container_exclusive_extra_sbatch_network_and_restarts_render_as_the_gol
     assert script.index('export NCCL_IB_DISABLE="${NCCL_IB_DISABLE:-0}"') < script.index("export NCCL_IB_HCA=")
     assert 'export TORCH_FR_DUMP_TEMP_FILE="$RUN_DIR/flight_recorder/rank_"' in script
     assert script.index('eval "$facts"') < script.index("TORCH_FR_DUMP_TEMP_FILE")  # RUN_DIR is known there
-    assert "MAX_RESTARTS" in script and "-m trainer.node --user-error-file" in script
+    assert "MAX_RESTARTS" in script and "-m trainer.node --no-retry-file" in script
 
 
 def test_extra_sbatch_values_that_are_not_directive_safe_go_on_the_sbatch_command_line(tmp_path):

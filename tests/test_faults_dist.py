@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,7 +21,8 @@ import pytest
 
 from helpers import ROOT, arith_rows, curve, env_for_ranks, launch, losses, results, tiny_config, write_jsonl
 
-STAGES = {"z0": {"stage": 0}, "z1": {"stage": 1}, "z2": {"stage": 2}, "z3": {"stage": 3, "param_persistence_threshold": 0}}
+STAGES = {"z0": {"stage": 0}, "z1": {"stage": 1}, "z2": {"stage": 2},
+          "z3": {"stage": 3, "param_persistence_threshold": 0}}
 # (name, zero, dtype, grad_accum): our own guard covers fp32 ZeRO-0 (accumulated, so the guard must act
 # on the window's last micro-batch only); DeepSpeed's checks cover the rest (bf16 ZeRO-1/2 through
 # bf16.check_grad_overflow, which launcher/ds_config.py owns).
@@ -54,21 +56,27 @@ def runs(data):
     sc.append({"name": "corrupt", "stop_at": 4, "probe": "probes_faults:truncate_shard", "args": {"step": 4},
                "config": _checkpointed(tmp, train, "corrupt")})
     sc.append({"name": "corrupt-resume", "config": _checkpointed(tmp, train, "corrupt")})
+    # the only checkpoint damaged: the resume refuses (and so does the next), it never starts over
+    sc.append({"name": "lost", "stop_at": 2, "probe": "probes_faults:truncate_shard", "args": {"step": 2},
+               "config": _checkpointed(tmp, train, "lost")})
+    for i in range(2):
+        sc.append({"name": f"lost-resume-{i}", "config": _checkpointed(tmp, train, "lost")})
     return tmp, launch(sc, tmp, timeout=900)
 
 
 def start(cfg: dict, tmp: Path, name: str, inspect: str | None = None, args: dict | None = None,
           overrides: tuple[str, ...] = ()) -> subprocess.Popen:
-    """torchrun, 2 ranks, of the real entry point (trainer/main.py main) on ``cfg``, with an injected
-    fault (dist_worker.py --main); its output goes to tmp/<name>.log."""
+    """2 ranks of the real entry point (trainer/main.py main) on ``cfg``, with an injected fault
+    (dist_worker.py --main), under torchrun run by trainer.node as the batch script runs it on each node
+    (its exit code is what the script acts on; its note goes to tmp/<name>.noretry); output in tmp/<name>.log."""
     cfg_file = tmp / f"{name}.yaml"
     cfg_file.write_text(json.dumps(cfg))  # JSON is YAML
     spec = tmp / f"{name}.spec.json"
     spec.write_text(json.dumps({"inspect": inspect, "args": args or {}}))
     entry = ([str(ROOT / "tests" / "dist_worker.py"), "--main", str(spec), "--"] if inspect
              else [str(ROOT / "trainer" / "main.py")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *entry,
-           "--config", str(cfg_file), *overrides]
+    cmd = [sys.executable, "-m", "trainer.node", "--no-retry-file", str(tmp / f"{name}.noretry"), "--standalone",
+           "--nproc_per_node=2", *entry, "--config", str(cfg_file), *overrides]
     log = open(tmp / f"{name}.log", "w")
     return subprocess.Popen(cmd, cwd=ROOT, env=env_for_ranks(), stdout=log, stderr=subprocess.STDOUT, text=True)
 
@@ -143,7 +151,10 @@ def test_nonfinite_steps_in_a_row_stop_with_the_last_good_state_and_resume(data)
     cfg = tiny_config(tmp / "stop", train, zero=STAGES["z2"], train={"max_steps": 8, "on_nonfinite": "stop",
                       "max_nonfinite_steps": 2}, checkpoint={"every_steps": 2, "keep_last": 3})
     rc, out = finish(start(cfg, tmp, "stop", "probes_faults:nan_at", {"step": NAN_STEP}), tmp, "stop")
-    assert rc != 0 and "exitcode  : 3" in out, out[-4000:]  # trainer/faults.py EXIT_NONFINITE on a rank
+    assert rc == 3, out[-4000:]  # EXIT_NONFINITE, through trainer.node: the batch script ends the job, no restart
+    # (the rank that exits first is reported; torchrun then stops the other)
+    assert re.fullmatch(r"rank\(s\) (0|1|0, 1) exited 3 \(non-finite steps in a row, train.on_nonfinite=stop; the "
+                        r"message is above\)\n", (tmp / "stop.noretry").read_text())
     ckpt = tmp / "stop" / "checkpoints"
     assert f"stopped: steps 3-4 had a non-finite loss or gradient norm (2 in a row" in out, out[-4000:]
     assert f"checkpoint {ckpt / 'step00000004'} holds the weights and optimizer state after step 2" in out
@@ -174,7 +185,8 @@ def test_a_hung_rank_ends_the_job_naming_the_step_and_the_rank(data):
     rc, out = finish(proc, tmp, "hang", timeout=300)
     ended = time.time()
     hung = json.loads((tmp / "hang" / "hang.json").read_text())["time"]
-    assert rc != 0 and "exitcode  : 4" in out, out[-4000:]  # EXIT_HUNG
+    assert rc == 1 and "exitcode  : 4" in out, out[-4000:]  # EXIT_HUNG: a restart may help, so retried
+    assert not (tmp / "hang.noretry").exists()
     assert "error: rank 1 " in out and "step 3 has not finished after 5 s (dist.step_timeout_s = 5)" in out, out[-4000:]
     assert "error: rank 0 " in out  # the rank waiting for it in the collective says so too
     assert "in hang" in out  # rank 1's stack shows where it is stuck (the probe's sleeping hook)...
@@ -269,7 +281,8 @@ def test_a_full_or_read_only_disk_at_save_time_is_a_clear_error_and_the_previous
     with tmpfs(ckpt):
         rc, out = finish(start(cfg, tmp, f"disk-{mode}", "probes_faults:break_disk_after_first_save",
                                {"mode": mode}), tmp, f"disk-{mode}")
-        assert rc != 0 and "exitcode  : 5" in out, out[-4000:]  # EXIT_CHECKPOINT_WRITE
+        assert rc == 5 and "exitcode  : 5" in out, out[-4000:]  # EXIT_CHECKPOINT_WRITE: never retried
+        assert "exited 5 (a checkpoint could not be written" in (tmp / f"disk-{mode}.noretry").read_text()
         assert f"could not write checkpoint {ckpt / 'step00000004'}: {errno_text}" in out, out[-4000:]
         assert f"the previous checkpoint {ckpt / 'step00000002'} stands" in out
         assert f'File "{ROOT / "trainer"}' not in out  # a message, not a traceback from our code
@@ -281,3 +294,16 @@ def test_a_full_or_read_only_disk_at_save_time_is_a_clear_error_and_the_previous
             rc, out = finish(start(cfg, tmp, "disk-full-resume"), tmp, "disk-full-resume")
             assert rc == 0, out[-4000:]
             assert f"resumed from {ckpt / 'step00000002'} at step 2" in out
+
+
+def test_when_every_checkpoint_is_damaged_the_run_refuses_instead_of_starting_over(runs):
+    tmp, _ = runs
+    first, *resumes = results(tmp / "lost")
+    assert first["result"]["status"] == "preempted" and len(resumes) == 2
+    ckpt = tmp / "lost" / "checkpoints"
+    for r in resumes:  # the second start finds only the set-aside folder, and refuses too
+        assert r["error"].startswith(f"ConfigError: 1 problem(s) in {ckpt}:"), r
+        assert f"no checkpoint in {ckpt} can be resumed: every one was found damaged and set aside " \
+               f"({ckpt / 'step00000002.damaged'}" in r["error"]
+        assert "set checkpoint.resume=false" in r["error"]
+    assert [s for s, _ in losses(tmp / "lost")] == [1, 2]  # nothing trained after the stop

@@ -57,18 +57,22 @@ class _Engine:
 
 def test_nonfinite_counts_in_a_row_and_stops_at_the_limit():
     nf = NonFinite(_Engine(), "stop", 2, total=1, start_step=4)
-    assert not nf.count(5, 1.0, 0.5) and nf.last_good == 5
-    assert nf.count(6, math.nan, 0.5) and not nf.stop
-    assert nf.count(7, 1.0, math.inf) and nf.stop and nf.total == 3  # a finite loss with an inf norm counts
-    assert "steps 6-7 had a non-finite loss" in nf.stop_message(7, "CKPT") and "after step 5" in nf.stop_message(7, "C")
+    assert not nf.count(5, 1.0, applied=True) and nf.last_good == 5
+    assert nf.count(6, math.nan, applied=False) and not nf.stop
+    assert nf.count(7, 1.0, applied=False) and nf.stop and nf.total == 3  # not applied (an inf norm) counts
+    assert "steps 6-7 had a non-finite loss" in nf.stop_message(7, "CKPT")
+    assert "none of them was applied, so checkpoint CKPT holds the weights and optimizer state after step 5" in \
+        nf.stop_message(7, "CKPT")
     skip = NonFinite(_Engine(), "skip", 1)
-    assert skip.count(1, math.nan, None) and not skip.stop
+    assert skip.count(1, math.nan, applied=True) and not skip.stop
+    assert "its gradients were finite, so its update was applied" in skip.skipped_note(1, math.nan, 0.5)
+    assert not skip.count(2, 1.0, applied=True) and skip.in_a_row == 0
 
 
 def test_fp16_overflow_with_a_finite_loss_is_the_loss_scaler_at_work_not_a_bad_step():
     nf = NonFinite(_Engine(fp16=True), "stop", 1)
-    assert not nf.count(1, 2.0, math.inf) and not nf.stop
-    assert nf.count(2, math.inf, math.inf) and nf.stop
+    assert not nf.count(1, 2.0, applied=False) and not nf.stop
+    assert nf.count(2, math.inf, applied=False) and nf.stop
 
 
 def test_the_watchdog_fires_once_for_a_step_that_outlives_the_timeout(capfd):
@@ -105,3 +109,28 @@ def test_a_zero_timeout_starts_no_thread():
                                          ("nonfinite", EXIT_NONFINITE)])
 def test_exit_codes(status, code):
     assert exit_code(status) == code
+
+
+def test_tidy_puts_back_a_replaced_checkpoint_and_removes_partial_ones(tmp_path, capsys):
+    from trainer.checkpoint import _tidy, complete_tags
+
+    def folder(name, complete):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f.pt").write_text(name)
+        if complete:
+            (tmp_path / name / "COMPLETE").write_text("{}")
+
+    folder("step00000002", True)
+    folder("step00000004.old", True)  # being replaced when a crash came: the new step 4 never completed
+    folder("step00000004", False)
+    folder("step00000006", True)
+    folder("step00000006.old", True)  # the new step 6 completed: the old copy goes
+    folder("step00000008", False)  # a killed save
+    folder("step00000003.damaged", False)
+    assert _tidy(tmp_path) == ["step00000002", "step00000004", "step00000006"]
+    assert (tmp_path / "step00000004" / "f.pt").read_text() == "step00000004.old"  # the complete copy is back
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step00000002", "step00000003.damaged", "step00000004",
+                                                          "step00000006"]
+    assert "removed " + str(tmp_path / "step00000008") in capsys.readouterr().out
+    folder("step00000010.old", True)  # names that are not exactly a tag never count as checkpoints
+    assert complete_tags(tmp_path) == ["step00000002", "step00000004", "step00000006"]

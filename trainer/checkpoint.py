@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -25,6 +26,8 @@ from typing import Any, Optional
 from launcher import rundir
 from trainer import manifest
 
+_TAG = re.compile(rundir.STEP_TAG.replace("{step:08d}", r"\d{8}"))
+
 
 class ConversionError(RuntimeError):
     """DeepSpeed's ds_to_universal failed on a checkpoint (raised on every rank)."""
@@ -32,6 +35,10 @@ class ConversionError(RuntimeError):
 
 class CheckpointWriteError(RuntimeError):
     """This rank could not write its part of a checkpoint (disk full, read-only, no permission)."""
+
+
+class CheckpointReadError(RuntimeError):
+    """A checkpoint's files could not be read to check them (raised on every rank; a crash, exit 1)."""
 
 
 def tag_for(step: int) -> str:
@@ -77,8 +84,13 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def step_dirs(ckpt_dir: Path) -> list[Path]:
+    """The checkpoint folders (named by STEP_TAG exactly: not set-aside or replaced ones), oldest first."""
+    return sorted(p for p in ckpt_dir.glob("step*") if p.is_dir() and _TAG.fullmatch(p.name))
+
+
 def complete_tags(ckpt_dir: Path) -> list[str]:
-    return sorted(p.name for p in ckpt_dir.glob("step*") if (p / rundir.COMPLETE).exists())
+    return [p.name for p in step_dirs(ckpt_dir) if (p / rundir.COMPLETE).exists()]
 
 
 def latest_tag(ckpt_dir: Path) -> Optional[str]:
@@ -104,30 +116,39 @@ def written_world(step_dir: Path) -> Optional[int]:
 
 def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], keep_last: int, rank: int) -> str:
     """Every rank writes its part (DeepSpeed's files, its RNG state), then its share of the manifest's
-    checksums; rank 0 writes the manifest, COMPLETE, ``latest``, and prunes. A folder already there for
-    this step (a damaged one, a partial one) is replaced."""
+    checksums; rank 0 writes the manifest, COMPLETE, ``latest``, and prunes the oldest beyond
+    ``keep_last`` (never the one just written). A complete folder already there for this step (a
+    best/ step reached again after a restart) is kept as STEP.old until the new one is complete
+    (:func:`choose` puts it back if a crash comes first); a partial one is removed."""
     import torch
     import torch.distributed as dist
 
     tag = tag_for(step)
-    step_dir = ckpt_dir / tag
-    if rank == 0 and step_dir.exists():
-        shutil.rmtree(step_dir, ignore_errors=True)
-    dist.barrier()
+    step_dir, old = ckpt_dir / tag, ckpt_dir / (tag + rundir.REPLACED_SUFFIX)
     try:
+        if rank == 0 and step_dir.exists():
+            if (step_dir / rundir.COMPLETE).exists():
+                shutil.rmtree(old, ignore_errors=True)
+                step_dir.rename(old)
+            else:
+                shutil.rmtree(step_dir)
+        dist.barrier()
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
         torch.save(_rng_state(), step_dir / rundir.RNG.format(rank=rank))
         dist.barrier()  # every rank's shards are on disk
         _write_manifest(step_dir, rank)
         if rank == 0:
-            record = {"step": step, "world_size": dist.get_world_size(), "plan": client_state.get("plan")}
+            record = {"step": step, "world_size": dist.get_world_size(), "plan": client_state.get("plan"),
+                      "manifest": True}
             _atomic_write(step_dir / rundir.COMPLETE, json.dumps(record) + "\n")
+            _atomic_write(ckpt_dir / rundir.LATEST, tag)
     except (OSError, RuntimeError) as e:
         raise _write_error(e, step_dir, rank) from e
     if rank == 0:
-        _atomic_write(ckpt_dir / rundir.LATEST, tag)
-        for old in complete_tags(ckpt_dir)[:-keep_last]:
-            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+        older = [t for t in complete_tags(ckpt_dir) if t < tag]
+        for t in older[:max(0, len(older) - (keep_last - 1))]:
+            shutil.rmtree(ckpt_dir / t, ignore_errors=True)
     dist.barrier()
     return tag
 
@@ -198,37 +219,58 @@ def verify(step_dir: Path) -> list[str]:
 
     record: list = [None]
     if dist.get_rank() == 0:
-        try:
-            record[0] = json.loads((step_dir / rundir.MANIFEST).read_text())["files"]
-        except FileNotFoundError:
-            record[0] = {}
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            record[0] = f"its {rundir.MANIFEST} cannot be read ({e})"
+        record[0] = _read_manifest(step_dir)
     dist.broadcast_object_list(record, src=0)
     if isinstance(record[0], str):
         return [record[0]]
     entries = record[0]
     mine = manifest.shares({k: v["bytes"] for k, v in entries.items()}, dist.get_world_size())[dist.get_rank()]
+    try:
+        part = (manifest.problems(step_dir, {k: entries[k] for k in mine}), None)
+    except OSError as e:  # a file that cannot be read now (EIO, a stale NFS handle): not proof of damage
+        part = ([], f"{e.filename}: {e.strerror or e}")
     found: list = [None] * dist.get_world_size()
-    dist.all_gather_object(found, manifest.problems(step_dir, {k: entries[k] for k in mine}))
-    return sorted(p for part in found for p in part)
+    dist.all_gather_object(found, part)
+    unreadable = [err for _, err in found if err]
+    if unreadable:  # every rank raises: a rerun may read it; nothing is set aside on a read error
+        raise CheckpointReadError(f"checkpoint {step_dir} could not be read to check it against its "
+                                  f"{rundir.MANIFEST}: {'; '.join(unreadable)}. Nothing was loaded or set aside; "
+                                  "rerun once the filesystem reads again")
+    return sorted(p for problems, _ in found for p in problems)
+
+
+def _read_manifest(step_dir: Path):
+    """Rank 0: the manifest's entries ({} for a checkpoint saved before manifests), or what is wrong
+    with it (a str: the checkpoint counts as damaged)."""
+    try:
+        saved_with = json.loads((step_dir / rundir.COMPLETE).read_text()).get("manifest") is True
+    except (OSError, ValueError, AttributeError):
+        saved_with = False
+    try:
+        files = json.loads((step_dir / rundir.MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return f"its {rundir.MANIFEST} is missing" if saved_with else {}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"its {rundir.MANIFEST} cannot be read ({type(e).__name__}: {e})"
+    ok = isinstance(files, dict) and all(
+        isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("bytes"), int)
+        and isinstance(v.get(manifest.ALGORITHM), str) for k, v in files.items())
+    return files if ok else f"its {rundir.MANIFEST} is not a manifest (its 'files' are not name -> bytes, checksum)"
 
 
 def choose(ckpt_dir: Path) -> Optional[str]:
     """Collective: the checkpoint to resume from: the newest complete one whose files match their
     manifest. A damaged one is set aside (:func:`_set_aside`) with a message, and the one before it is
-    tried; ``latest`` is pointed at the one chosen. Folders a killed save left (no COMPLETE) are removed first.
-    Rank 0 reads the folder and decides; every rank returns the same tag (None: nothing to resume)."""
+    tried; ``latest`` is pointed at the one chosen (:func:`_tidy` runs first). Rank 0 reads the folder
+    and decides; every rank returns the same tag (None: nothing to resume). When every checkpoint
+    was set aside, now or before, this raises ConfigError (exit 2) instead of starting over; a file
+    that cannot be read raises CheckpointReadError."""
     import torch.distributed as dist
 
     rank = dist.get_rank()
     tags: list = [None]
     if rank == 0:
-        for partial in sorted(p for p in ckpt_dir.glob("step*") if p.is_dir() and not (p / rundir.COMPLETE).exists()
-                              and not (p / rundir.DAMAGED).exists()):
-            shutil.rmtree(partial, ignore_errors=True)
-            print(f"removed {partial}: a checkpoint whose save never finished (no {rundir.COMPLETE} record)", flush=True)
-        tags[0] = complete_tags(ckpt_dir) if ckpt_dir.is_dir() else []
+        tags[0] = _tidy(ckpt_dir) if ckpt_dir.is_dir() else []
     dist.broadcast_object_list(tags, src=0)
     for tag in reversed(tags[0]):
         problems = verify(ckpt_dir / tag)
@@ -242,7 +284,35 @@ def choose(ckpt_dir: Path) -> Optional[str]:
             print(f"checkpoint {step_dir} is damaged and is not loaded: {'; '.join(problems)}. It is set aside as "
                   f"{aside} ({rundir.DAMAGED} there says why; delete it when done looking); trying the checkpoint "
                   "before it", flush=True)
+    damaged: list = [sorted(str(p) for p in ckpt_dir.glob(f"step*{rundir.DAMAGED_SUFFIX}*")) if rank == 0 else None]
+    dist.broadcast_object_list(damaged, src=0)
+    if damaged[0]:  # never start over silently when there were checkpoints
+        from launcher.errors import ConfigError
+
+        raise ConfigError([f"no checkpoint in {ckpt_dir} can be resumed: every one was found damaged and set aside "
+                           f"({', '.join(damaged[0])}; the DAMAGED file in each says why). Nothing was loaded. To "
+                           "start this run over, move those folders out of the run dir or set "
+                           "checkpoint.resume=false"], source=str(ckpt_dir))
     return None
+
+
+def _tidy(ckpt_dir: Path) -> list[str]:
+    """Rank 0, before choosing: a step a crash caught while its folder was being replaced gets its
+    complete copy (STEP.old) back; folders a killed save left (no COMPLETE) are removed. Returns the
+    complete tags."""
+    for old in sorted(ckpt_dir.glob(f"step*{rundir.REPLACED_SUFFIX}")):
+        new = ckpt_dir / old.name[: -len(rundir.REPLACED_SUFFIX)]
+        if (new / rundir.COMPLETE).exists():
+            shutil.rmtree(old, ignore_errors=True)
+        elif (old / rundir.COMPLETE).exists():
+            shutil.rmtree(new, ignore_errors=True)
+            old.rename(new)
+    for partial in step_dirs(ckpt_dir):
+        if not (partial / rundir.COMPLETE).exists():
+            shutil.rmtree(partial, ignore_errors=True)
+            print(f"removed {partial}: a checkpoint whose save never finished (no {rundir.COMPLETE} record)",
+                  flush=True)
+    return complete_tags(ckpt_dir)
 
 
 def _set_aside(step_dir: Path, problems: list[str]) -> Path:

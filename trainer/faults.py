@@ -26,10 +26,7 @@ import threading
 import time
 from typing import Callable, Optional
 
-# Exit codes of a rank (0 done or preempted, 1 a crash, 2 a config or data error: trainer/main.py).
-EXIT_NONFINITE = 3  # stopped after train.max_nonfinite_steps non-finite steps in a row (checkpointed)
-EXIT_HUNG = 4  # a step outlived dist.step_timeout_s
-EXIT_CHECKPOINT_WRITE = 5  # a checkpoint could not be written (disk full, read-only, ...); the previous one stands
+from launcher.errors import EXIT_HUNG, EXIT_NONFINITE
 
 
 def exit_code(status: str) -> int:
@@ -49,6 +46,8 @@ class NonFinite:
         self.total = total  # non-finite steps of the run (kept in checkpoints; logged as train/nonfinite_steps)
         self.in_a_row = 0  # counted from this start: a resumed run gets max_nonfinite_steps anew
         self.last_good = start_step  # the state the model is in is the one after this step
+        self.applied = True  # whether the last step's update was applied
+        self.applied_in_row = 0  # non-finite steps of the current row that were applied (finite gradients)
 
     @contextlib.contextmanager
     def guard(self, norm):
@@ -71,15 +70,19 @@ class NonFinite:
             optimizer.step = step
             del optimizer.overflow
 
-    def count(self, step: int, loss: float, grad_norm: Optional[float]) -> bool:
-        """After optimizer step ``step`` (1-based) with the loss and norm every rank read: was it
-        non-finite (so its update was skipped)?"""
-        bad = not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm) and not self.scaled)
+    def count(self, step: int, loss: float, applied: bool) -> bool:
+        """After optimizer step ``step`` (1-based), with the loss every rank read and whether the engine
+        applied the update (engine.was_step_applied(): the same on every rank): was it a non-finite step?
+        Not applied (a NaN/Inf gradient norm; under fp16 only with a non-finite loss, as a finite one is
+        the loss scaler at work), or applied with a non-finite loss (its gradients were finite)."""
+        self.applied = applied
+        bad = not math.isfinite(loss) or (not applied and not self.scaled)
         if bad:
             self.total += 1
             self.in_a_row += 1
+            self.applied_in_row += applied
         else:
-            self.in_a_row = 0
+            self.in_a_row = self.applied_in_row = 0
             self.last_good = step
         return bad
 
@@ -90,17 +93,21 @@ class NonFinite:
     def skipped_note(self, step: int, loss: float, grad_norm: Optional[float]) -> str:
         limit = (f" of at most {self.limit} (train.on_nonfinite=stop, train.max_nonfinite_steps={self.limit})"
                  if self.policy == "stop" else " (train.on_nonfinite=skip)")
-        return (f"step {step}: non-finite loss {loss} / gradient norm {grad_norm}: its update was skipped (weights, "
-                f"optimizer state and LR schedule unchanged); {self.in_a_row} in a row{limit}, {self.total} so far")
+        what = ("its update was skipped (weights, optimizer state and LR schedule unchanged)" if not self.applied
+                else "its gradients were finite, so its update was applied")
+        return (f"step {step}: non-finite loss {loss} / gradient norm {grad_norm}: {what}; {self.in_a_row} in a "
+                f"row{limit}, {self.total} so far")
 
     def stop_message(self, step: int, checkpoint) -> str:
         first = step - self.in_a_row + 1
         good = f"step {self.last_good}" if self.last_good else "step 0 (the initial weights)"
+        held = (f"none of them was applied, so checkpoint {checkpoint} holds the weights and optimizer state after "
+                f"{good}" if not self.applied_in_row else f"{self.applied_in_row} of them had finite gradients and "
+                f"were applied; checkpoint {checkpoint} holds the state after step {step}")
         return (f"stopped: steps {first}-{step} had a non-finite loss or gradient norm ({self.in_a_row} in a row, "
-                f"train.max_nonfinite_steps={self.limit}); none of them was applied, so checkpoint {checkpoint} holds "
-                f"the weights and optimizer state after {good}. Usual causes: a learning rate too high for this model, "
-                f"broken rows in the data of these steps, an overflow in low precision. Rerunning with the same "
-                f"run dir resumes from that checkpoint after the bad steps; add train.on_nonfinite=skip to skip "
+                f"train.max_nonfinite_steps={self.limit}); {held}. Usual causes: a learning rate too high for this "
+                "model, broken rows in the data of these steps, an overflow in low precision. Rerunning with the "
+                "same run dir resumes from that checkpoint after the bad steps; add train.on_nonfinite=skip to skip "
                 f"such steps and go on (exit code {EXIT_NONFINITE})")
 
 

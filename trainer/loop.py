@@ -72,9 +72,13 @@ def evaluate(run: Run) -> tuple[dict[str, float], Optional[Report]]:
 def evaluate_and_report(run: Run, step: int) -> dict[str, float]:
     """evaluate(); rank 0 writes the report (and confusion matrix) to RUN_DIR/eval/stepNNNNNNNN/."""
     metrics, report = evaluate(run)
-    if report is not None and run.world.is_main:
-        run_dir = Path(run.cfg.run_dir)
-        report.write(RunDir(run_dir).eval_report(step), f"{run_dir.name} step {step}")
+    if report is not None:
+        if run.world.is_main:
+            run_dir = Path(run.cfg.run_dir)
+            report.write(RunDir(run_dir).eval_report(step), f"{run_dir.name} step {step}")
+        import torch.distributed as dist
+
+        dist.barrier()  # the others wait here, not in the next step's collective (timed by dist.step_timeout_s)
     return metrics
 
 
@@ -133,7 +137,7 @@ def train(run: Run, start_step: int) -> str:
             loss = loss_sum / n_target
             dt = time.perf_counter() - t0
             done = step + 1
-            skipped = nonfinite.count(done, loss, grad_norm)  # DeepSpeed skipped it (or the guard did)
+            skipped = nonfinite.count(done, loss, engine.was_step_applied())  # DeepSpeed (or the guard) skipped it
 
             computed = plan.micro_batch_size * sum(s[1] for s in shapes)  # padded tokens the model ran
             metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
@@ -177,7 +181,8 @@ def train(run: Run, start_step: int) -> str:
                 if w.is_main and nonfinite.stop:
                     print(nonfinite.stop_message(done, RunDir(cfg.run_dir).checkpoints / tag_for(done)), flush=True)
                 elif w.is_main:
-                    print(f"stop requested: checkpointed at step {done}; rerun with the same run_dir to resume", flush=True)
+                    print(f"stop requested: checkpointed at step {done}; rerun with the same run_dir to resume",
+                          flush=True)
                 return "nonfinite" if nonfinite.stop else "preempted"
         return "done"
     finally:

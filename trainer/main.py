@@ -20,10 +20,10 @@ if __package__ in (None, ""):  # run as a script: make `trainer` and `launcher` 
 
 from launcher.batch import fit_world, plan_batch  # noqa: E402
 from launcher.config import ConfigError, RunConfig, to_yaml  # noqa: E402
+from launcher.errors import EXIT_CHECKPOINT_WRITE, EXIT_USER_ERROR  # noqa: E402
 from launcher.rules import disk_problems, load_config  # noqa: E402
 from launcher.rundir import GENERATED_KEY, RunDir  # noqa: E402
 
-EXIT_USER_ERROR = 2
 
 
 def parse_args(argv):
@@ -157,7 +157,7 @@ def write_run_files(cfg: RunConfig, world, ds_config: dict, facts: dict, lines: 
 def main(argv=None) -> int:
     from trainer.checkpoint import CheckpointWriteError
     from trainer.data import DataError
-    from trainer.faults import EXIT_CHECKPOINT_WRITE, exit_code
+    from trainer.faults import exit_code
     from trainer.model import ModelError
 
     args = parse_args(sys.argv[1:] if argv is None else argv)

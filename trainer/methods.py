@@ -212,7 +212,10 @@ class AdaLoraSteps(StepHooks):
             missing = [p for p in self.params if p.grad is None]
             for p in missing:  # (fp32 under bf16, on the CPU under offload: as the param for peft)
                 p.grad = safe_get_full_grad(p).to(p)
-            self.model.base_model.update_and_allocate(step)
+            # a non-finite step (trainer/faults.py) is never applied: nor is it scored (NaN importance would
+            # stay in the averages for good); the gradients are reduced, so every rank decides alike
+            if all(bool(p.grad.isfinite().all()) for p in self.params if p.grad is not None):
+                self.model.base_model.update_and_allocate(step)
             for p in missing:
                 p.grad = None
 
