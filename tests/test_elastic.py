@@ -88,7 +88,7 @@ def test_the_first_halves_really_stopped_at_step_2(runs):
         # the copy carries the first half's record: 2 ranks wrote step 2, plan micro 2 x accum 2 x world 2
         first_half = tmp / "elsewhere" / f"r4-{name}" / "checkpoints" / "step00000002"
         record = json.loads((first_half / "COMPLETE").read_text())
-        assert record == {"step": 2, "world_size": 2, "plan": [2, 2, 2]}
+        assert record == {"step": 2, "world_size": 2, "plan": [2, 2, 2], "manifest": True}
         assert (ckpt / "step00000002" / "rng_rank1.pt").exists()
     assert sorted(metrics(tmp / "cut-8bit")) == [1, 2]
 
