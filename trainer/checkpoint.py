@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from launcher import rundir
+from launcher.execute import write_files
 from trainer import manifest
 
 _TAG = re.compile(rundir.STEP_TAG.replace("{step:08d}", r"\d{8}"))
@@ -76,12 +77,6 @@ def seed_rng(seed: int, step: int, rank: int) -> None:
     random.seed(s)
     np.random.seed(s)
     torch.manual_seed(s)  # seeds every CUDA device too
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def step_dirs(ckpt_dir: Path) -> list[Path]:
@@ -140,8 +135,8 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], keep_l
         if rank == 0:
             record = {"step": step, "world_size": dist.get_world_size(), "plan": client_state.get("plan"),
                       "manifest": True}
-            _atomic_write(step_dir / rundir.COMPLETE, json.dumps(record) + "\n")
-            _atomic_write(ckpt_dir / rundir.LATEST, tag)
+            write_files({step_dir / rundir.COMPLETE: json.dumps(record) + "\n"})
+            write_files({ckpt_dir / rundir.LATEST: tag})
     except (OSError, RuntimeError) as e:
         raise _write_error(e, step_dir, rank) from e
     if rank == 0:
@@ -153,9 +148,9 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], keep_l
     return tag
 
 
-def _write_manifest(step_dir: Path, rank: int) -> Optional[dict]:
+def _write_manifest(step_dir: Path, rank: int) -> None:
     """Rank 0 lists the files, each rank checksums its share (trainer/manifest.py), rank 0 writes the
-    manifest (and returns it)."""
+    manifest."""
     import torch.distributed as dist
 
     t0 = time.perf_counter()
@@ -165,12 +160,11 @@ def _write_manifest(step_dir: Path, rank: int) -> Optional[dict]:
     parts: list = [None] * dist.get_world_size()
     dist.all_gather_object(parts, mine)
     if rank != 0:
-        return None
+        return
     files = {name: entry for part in parts for name, entry in sorted(part.items())}
     record = {"algorithm": manifest.ALGORITHM, "bytes": sum(e["bytes"] for e in files.values()),
               "seconds": round(time.perf_counter() - t0, 3), "files": dict(sorted(files.items()))}
-    _atomic_write(step_dir / rundir.MANIFEST, json.dumps(record, indent=1) + "\n")
-    return record
+    write_files({step_dir / rundir.MANIFEST: json.dumps(record, indent=1) + "\n"})
 
 
 def _write_error(error: Exception, step_dir: Path, rank: int) -> Exception:
@@ -276,7 +270,7 @@ def choose(ckpt_dir: Path) -> Optional[str]:
         problems = verify(ckpt_dir / tag)
         if not problems:
             if rank == 0 and latest_tag(ckpt_dir) != tag:
-                _atomic_write(ckpt_dir / rundir.LATEST, tag)
+                write_files({ckpt_dir / rundir.LATEST: tag})
             return tag
         if rank == 0:
             step_dir = ckpt_dir / tag
@@ -416,7 +410,7 @@ def _convert(step_dir: Path, out: Path) -> None:
               "seconds": round(time.perf_counter() - t0, 2)}
     (tmp / rundir.COMPLETE).write_text(json.dumps(record) + "\n")
     os.replace(tmp, out)
-    _atomic_write(step_dir / rundir.LATEST_UNIVERSAL, out.name)  # DeepSpeed's pointer, now to the final name
+    write_files({step_dir / rundir.LATEST_UNIVERSAL: out.name})  # DeepSpeed's pointer, now to the final name
 
 
 def _repair_universal_load(engine, universal_dir: Path) -> None:
