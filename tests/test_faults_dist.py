@@ -187,10 +187,15 @@ def test_a_hung_rank_ends_the_job_naming_the_step_and_the_rank(data):
     hung = json.loads((tmp / "hang" / "hang.json").read_text())["time"]
     assert rc == 1 and "exitcode  : 4" in out, out[-4000:]  # EXIT_HUNG: a restart may help, so retried
     assert not (tmp / "hang.noretry").exists()
-    assert "error: rank 1 " in out and "step 3 has not finished after 5 s (dist.step_timeout_s = 5)" in out, out[-4000:]
-    assert "error: rank 0 " in out  # the rank waiting for it in the collective says so too
-    assert "in hang" in out  # rank 1's stack shows where it is stuck (the probe's sleeping hook)...
-    assert "in all_reduce" in out  # ...and rank 0's that it waits for rank 1 in the step's collective
+    report = {r: [line for line in out.splitlines() if line.startswith(f"[rank {r}] ")] for r in (0, 1)}
+    assert report[1] and report[1][0].startswith("[rank 1] error: rank 1 "), out[-4000:]
+    assert "step 3 has not finished after 5 s (dist.step_timeout_s = 5)" in report[1][0]
+    assert report[0] and report[0][0].startswith("[rank 0] error: rank 0 ")  # the rank waiting for it says so too
+    # each report is whole (one write, lines led by the rank, though both ranks wrote at once):
+    # rank 1's stack shows where it is stuck (the probe's sleeping hook)...
+    assert any(line.endswith(", in hang") for line in report[1]), "\n".join(report[1])
+    # ...and rank 0's that it waits for rank 1 in the step's collective
+    assert any(line.endswith(", in all_reduce") for line in report[0]), "\n".join(report[0])
     # within the configured 5 s (+ 3 s grace for the other ranks' reports, + teardown), not 300 s
     print(f"\nhang: rank 1 stuck in step 3 -> job ended {ended - hung:.1f} s later (dist.step_timeout_s = 5)")
     assert 5 <= ended - hung < 60, ended - hung

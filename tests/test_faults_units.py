@@ -4,13 +4,19 @@ tests/test_faults_dist.py."""
 from __future__ import annotations
 
 import math
+import re
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from trainer import manifest
 from trainer.faults import EXIT_HUNG, EXIT_NONFINITE, NonFinite, Watchdog, exit_code
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _files(folder, sizes):
@@ -92,8 +98,12 @@ def test_the_watchdog_fires_once_for_a_step_that_outlives_the_timeout(capfd):
     assert done.wait(5)
     assert fired == [EXIT_HUNG]
     err = capfd.readouterr().err
-    assert "error: rank 1 " in err and "step 7 has not finished after 0.3 s (dist.step_timeout_s = 0.3)" in err
-    assert "test_the_watchdog_fires_once" in err  # every thread's stack, this test's among them
+    lines = err.splitlines()
+    assert lines[0].startswith("[rank 1] error: rank 1 ") and all(line.startswith("[rank 1] ") for line in lines)
+    assert "step 7 has not finished after 0.3 s (dist.step_timeout_s = 0.3)" in lines[0]
+    assert "Thread step-watchdog (most recent call last):" in err  # every thread's stack, by thread name...
+    assert any(line.endswith(", in test_the_watchdog_fires_once_for_a_step_that_outlives_the_timeout")
+               for line in lines)  # ...this test's (the main thread's) among them
     w.close()
 
 
@@ -134,3 +144,21 @@ def test_tidy_puts_back_a_replaced_checkpoint_and_removes_partial_ones(tmp_path,
     assert "removed " + str(tmp_path / "step00000008") in capsys.readouterr().out
     folder("step00000010.old", True)  # names that are not exactly a tag never count as checkpoints
     assert complete_tags(tmp_path) == ["step00000002", "step00000004", "step00000006"]
+
+
+def test_reports_written_at_once_by_several_ranks_into_one_log_do_not_interleave(tmp_path):
+    """Every rank of a hung step reports at the same moment into the job's one log; each report is
+    one write, so no line of one rank's report is cut by another's (faulthandler's piecewise writes were)."""
+    script = ("import sys; from trainer.faults import write_report\n"
+              "r = int(sys.argv[1])\n"
+              "for i in range(300): write_report(r, '\\n'.join(f'line {j} of report {i} ' + 'x' * 40 for j in range(40)))\n")
+    log = tmp_path / "log"
+    with open(log, "w") as f:
+        procs = [subprocess.Popen([sys.executable, "-c", script, str(r)], cwd=ROOT, stderr=f) for r in range(4)]
+        assert [p.wait(timeout=60) for p in procs] == [0] * 4
+    lines = log.read_text().splitlines()
+    assert len(lines) == 4 * 300 * 40
+    pattern = re.compile(r"\[rank [0-3]\] line \d+ of report \d+ x{40}")
+    assert all(pattern.fullmatch(line) for line in lines), [line for line in lines if not pattern.fullmatch(line)][:3]
+    # and each report's 40 lines are together, in order
+    assert all(lines[i].split(" line ")[0] == lines[i + 39].split(" line ")[0] for i in range(0, len(lines), 40))

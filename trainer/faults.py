@@ -17,16 +17,33 @@ and the rank, and every thread's Python stack (which says where this rank is stu
 from __future__ import annotations
 
 import contextlib
-import faulthandler
 import math
 import os
 import socket
 import sys
 import threading
 import time
+import traceback
 from typing import Callable, Optional
 
 from launcher.errors import EXIT_HUNG, EXIT_NONFINITE
+
+
+def thread_stacks() -> str:
+    """Every thread's Python stack, as a traceback prints it (most recent call last)."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    return "\n".join(f"Thread {names.get(ident, ident)} (most recent call last):\n" + "".join(traceback.format_stack(frame))
+                     for ident, frame in sys._current_frames().items())
+
+
+def write_report(rank: int, text: str) -> None:
+    """``text`` on stderr with every line led by ``[rank R]``, in one write(2): the ranks of a hung step
+    report at the same moment into one log, and a report written piece by piece (as faulthandler
+    writes) interleaves with the others' mid-line."""
+    sys.stderr.flush()
+    data = "".join(f"[rank {rank}] {line}\n" for line in text.splitlines()).encode("utf-8", "replace")
+    while data:
+        data = data[os.write(2, data):]
 
 
 def exit_code(status: str) -> int:
@@ -155,13 +172,11 @@ class Watchdog:
 
     def _fire(self, step: int) -> None:
         t = f"{self.timeout_s:g}"
-        print(f"error: rank {self.rank} (host {socket.gethostname()}, pid {os.getpid()}): step {step} has not "
-              f"finished after {t} s (dist.step_timeout_s = {t}). This rank is stuck in it, or waits in a "
-              "collective for a rank that is: the Python stacks below say which (a waiting rank sits in a "
-              "collective such as all_reduce). Ending the process "
-              f"(exit {EXIT_HUNG}) so that the job fails now instead of hanging until its time limit.",
-              file=sys.stderr, flush=True)
-        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-        sys.stderr.flush()
+        message = (f"error: rank {self.rank} (host {socket.gethostname()}, pid {os.getpid()}): step {step} has "
+                   f"not finished after {t} s (dist.step_timeout_s = {t}). This rank is stuck in it, or waits in a "
+                   "collective for a rank that is: the Python stacks below say which (a waiting rank sits in a "
+                   "collective such as all_reduce). Ending the process "
+                   f"(exit {EXIT_HUNG}) so that the job fails now instead of hanging until its time limit.")
+        write_report(self.rank, message + "\n" + thread_stacks())
         time.sleep(self.grace_s)
         self._exit(EXIT_HUNG)
