@@ -20,6 +20,8 @@
     RUN_DIR/eval/stepNNNNNNNN/  classification reports
     RUN_DIR/export/, adapter/   the exported model / peft adapter
     RUN_DIR/STOP                checkpoint at the next step and exit    RUN_DIR/DONE   the run finished
+    RUN_DIR/previous-N/         an earlier attempt's outputs (OUTPUTS below), set aside when the run
+                                started over (checkpoint.resume: false; trainer/start_over.py)
     RUN_DIR/jobs.jsonl          the Slurm jobs of this run: submitted / start / restart / end (launcher status)
     RUN_DIR/CANCEL              `launcher cancel --checkpoint`: checkpoint, then end without requeueing
     RUN_DIR/flight_recorder/    NCCL flight-recorder dumps (dist.flight_recorder)
@@ -66,6 +68,9 @@ SLURM_ERR = "slurm-%j.err"
 JOBS = "jobs.jsonl"
 CANCEL = "CANCEL"
 FLIGHT_RECORDER = "flight_recorder"
+PREVIOUS = "previous-{n}"
+# what one attempt of a run writes as it trains: set aside whole when the run starts over
+OUTPUTS = (CHECKPOINTS, METRICS, TENSORBOARD, LOSS_CURVE, EVAL, EXPORT, ADAPTER)
 NO_RETRY = ".no_retry"  # + ".<job>": a rank exited 2, 3 or 5 (trainer/node.py); the batch script reads and removes it
 SWEEP_INDEX = "sweep.json"
 SWEEP_TASKS = "tasks"
@@ -115,6 +120,9 @@ class RunDir:
 
     def no_retry(self, job_id: str) -> Path:
         return self.root / f"{NO_RETRY}.{job_id}"
+
+    def previous(self, n: int) -> Path:
+        return self.root / PREVIOUS.format(n=n)
 
     def eval_report(self, step: int) -> Path:
         return self.root / EVAL / STEP_TAG.format(step=step)

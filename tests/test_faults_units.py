@@ -162,3 +162,23 @@ def test_reports_written_at_once_by_several_ranks_into_one_log_do_not_interleave
     assert all(pattern.fullmatch(line) for line in lines), [line for line in lines if not pattern.fullmatch(line)][:3]
     # and each report's 40 lines are together, in order
     assert all(lines[i].split(" line ")[0] == lines[i + 39].split(" line ")[0] for i in range(0, len(lines), 40))
+
+
+def test_starting_over_sets_each_earlier_attempt_aside_whole_and_keeps_the_runs_own_files(tmp_path):
+    from launcher.rundir import RunDir
+    from trainer.start_over import set_aside
+
+    run = RunDir(tmp_path)
+    for name in ("config.yaml", "jobs.jsonl", "metrics.jsonl", "loss_curve.png"):
+        (tmp_path / name).write_text(name)
+    for folder in ("checkpoints/step00000004", "tb", "eval/step00000004", "export"):
+        (tmp_path / folder).mkdir(parents=True)
+    assert set_aside(run) == run.previous(1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "jobs.jsonl", "previous-1"]  # the run's own
+    assert sorted(p.name for p in run.previous(1).iterdir()) == [
+        "checkpoints", "eval", "export", "loss_curve.png", "metrics.jsonl", "tb"]
+    assert (run.previous(1) / "checkpoints" / "step00000004").is_dir()
+    assert set_aside(run) is None  # nothing of an attempt there: nothing moves
+    (tmp_path / "metrics.jsonl").write_text("second attempt")
+    assert set_aside(run) == run.previous(2) and (run.previous(2) / "metrics.jsonl").read_text() == "second attempt"
+    assert (run.previous(1) / "metrics.jsonl").read_text() == "metrics.jsonl"  # an earlier set-aside is never touched

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from helpers import (arith_rows, assert_curves_close, assert_stopped_then_resumed, curve, launch, losses, result,
-                     save_tiny_pretrained, tiny_config, write_jsonl)
+                     results, save_tiny_pretrained, tiny_config, write_jsonl)
 
 STAGES = {"z0": {"stage": 0}, "z1": {"stage": 1}, "z2": {"stage": 2},
           "z3": {"stage": 3, "param_persistence_threshold": 0},
@@ -43,6 +43,11 @@ def runs(tmp_path_factory):
             tmp / f"resume-{name}", train, model=model_sec, zero=STAGES["z3"],
             train={"max_steps": 7, "grad_accum": 2, "scheduler": "cosine", "warmup_steps": 2},
             checkpoint={"every_steps": 2, "keep_last": 2})})
+    # a run that starts over (checkpoint.resume: false): stopped after step 4, started again, stopped after 2
+    for stop in (4, 2):
+        sc.append({"name": "again", "stop_at": stop, "config": tiny_config(
+            tmp / "again", train, model=model_sec, train={"max_steps": 6},
+            checkpoint={"every_steps": 2, "keep_last": 3, "resume": False})})
     # export under ZeRO-3 + eval + TensorBoard tags
     sc.append({"name": "export", "probe": "probes:export_eval_loss", "config": tiny_config(
         tmp / "export", train, model=model_sec, zero=STAGES["z3"],
@@ -103,6 +108,31 @@ def test_resume_continues_exactly(runs):
     ckpts = sorted(p.name for p in (tmp / "resume-cut" / "checkpoints").glob("step*"))
     assert ckpts == ["step00000006", "step00000007"]  # keep_last=2
     assert (tmp / "resume-cut" / "checkpoints" / "latest").read_text() == "step00000007"
+
+
+def test_a_run_started_over_sets_the_earlier_attempt_aside_whole(runs):
+    tmp, proc = runs
+    run, earlier = tmp / "again", tmp / "again" / "previous-1"
+    assert [r.get("result", r)["status"] for r in results(run)] == ["preempted", "preempted"]
+    assert f"this run starts over at step 0; the earlier attempt's outputs are kept, set aside in {earlier}" in proc.stdout
+    assert not (run / "previous-2").exists()
+    # the earlier attempt, whole: its checkpoints (and their latest), metrics and TensorBoard events
+    assert sorted(p.name for p in (earlier / "checkpoints").glob("step*")) == ["step00000002", "step00000004"]
+    assert (earlier / "checkpoints" / "latest").read_text() == "step00000004"
+    assert [s for s, _ in losses(earlier)] == [1, 2, 3, 4] and tb_steps(earlier, "train/loss") == [1, 2, 3, 4]
+    # this attempt began at step 0 (its first losses are the earlier attempt's), with nothing of that one mixed in
+    assert sorted(p.name for p in (run / "checkpoints").glob("step*")) == ["step00000002"]
+    assert (run / "checkpoints" / "latest").read_text() == "step00000002"
+    assert [s for s, _ in losses(run)] == [1, 2] and tb_steps(run, "train/loss") == [1, 2]
+    assert_curves_close(losses(run), losses(earlier)[:2], rel=1e-6)
+
+
+def tb_steps(run_dir: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
 
 
 def test_zero3_export_reloads_with_the_engines_eval_loss(runs):

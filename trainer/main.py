@@ -133,6 +133,7 @@ def write_run_files(cfg: RunConfig, world, ds_config: dict, facts: dict, lines: 
     import torch.distributed as dist
     import yaml
 
+    from trainer import start_over
     from trainer.dist import world_info
 
     infos = [None] * world.world_size
@@ -148,6 +149,10 @@ def write_run_files(cfg: RunConfig, world, ds_config: dict, facts: dict, lines: 
         run_dir.ds_config.write_text(json.dumps(used, indent=2) + "\n")
         run_dir.world.write_text(json.dumps(infos, indent=2) + "\n")
         run_dir.stop.unlink(missing_ok=True)
+        earlier = None if cfg.checkpoint.resume else start_over.set_aside(run_dir)  # never mixed with this attempt
+        if earlier:
+            lines = [*lines, f"NOTE: checkpoint.resume=false: this run starts over at step 0; the earlier attempt's "
+                             f"outputs are kept, set aside in {earlier}"]
         nodes = len({i["node_rank"] for i in infos})
         print(f"resolved config ({run_dir.config}):\n{to_yaml(cfg)}", flush=True)
         print("\n".join([lines[0].replace(" ranks;", f" ranks on {nodes} node(s);", 1), *lines[1:]]), flush=True)
