@@ -1,7 +1,7 @@
 """Day-2 features on the REAL local 2-node Slurm cluster (tests/slurm/start.sh).
 
 One module fixture submits every job at once and the tests follow them (polling `scontrol show job
--o`, like tests/test_slurm_cluster.py, whose helpers this module reuses):
+-o`, tests/slurm_jobs.py):
 
 - ``watch``: 2 nodes x 1 rank, dist.network=ethernet, flight recorder, dist.timeout_min=7, an
   env_setup line overriding one network variable. ``status --watch --json`` and ``logs -f`` run from
@@ -35,7 +35,7 @@ import pytest
 import yaml
 
 from helpers import ROOT, arith_rows, assert_curves_close, losses, save_tiny_pretrained, tiny_config, write_jsonl
-from test_slurm_cluster import _pids_of_rank, job_env, show_job, submit_cli, wait_job, write_config
+from slurm_jobs import job_env, pids_of_rank, show_job, submit_cli, wait_job, write_config
 
 pytestmark = pytest.mark.slurm
 FIGURES: dict[str, float] = {}
@@ -143,7 +143,7 @@ def kill_rank_once(j: dict, env: dict, tmp: Path) -> None:
     try:
         wait_until(lambda: list((r["run_dir"] / "checkpoints").glob("step*/COMPLETE")), r["id"], env,
                    "the restart job's first checkpoint")
-        pids = _pids_of_rank(r["run_dir"] / "config.yaml", 1)
+        pids = pids_of_rank(r["run_dir"] / "config.yaml", 1)
         assert len(pids) == 1, f"expected one process of rank 1, found {pids}"
         os.kill(pids[0], signal.SIGKILL)
         r["killed_after"] = (r["run_dir"] / "checkpoints" / "latest").read_text().strip()

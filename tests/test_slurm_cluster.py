@@ -31,9 +31,9 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from helpers import ROOT, arith_rows, assert_curves_close, losses, tiny_config, write_jsonl
+from slurm_jobs import FINAL, job_env, pids_of_rank, show_job, submit_cli, wait_job, write_config
 
 pytestmark = pytest.mark.slurm
 
@@ -47,60 +47,7 @@ EVIL_PATH = EVIL.replace("\n", " ")
 # HF datasets expands $NAME in data paths (os.path.expandvars in datasets.utils.file_utils), so the
 # data file's name keeps every hostile character except a $NAME (reported to the trainer's owner).
 EVIL_DATA = EVIL_PATH.replace("$HOME", "$(ls)")
-FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 FIGURES: dict[str, float] = {}
-
-
-def job_env(cluster_env: dict) -> dict:
-    env = dict(cluster_env, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DS_ACCELERATOR="cpu")
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}"
-    env.pop("OMP_NUM_THREADS", None)
-    return env
-
-
-def show_job(job: str, env: dict) -> dict:
-    out = subprocess.run(["scontrol", "show", "job", "-o", job], env=env, capture_output=True, text=True,
-                         timeout=30).stdout
-    fields = {k: m.group(1) for k in ("JobState", "ExitCode", "Restarts", "RunTime")
-              if (m := re.search(rf"\b{k}=(\S+)", out))}
-    name = re.search(r"JobName=(.*?) UserId=", out, re.S)
-    fields["JobName"] = name.group(1) if name else None
-    return fields
-
-
-def _seconds(hms: str) -> float:
-    return float(sum(int(x) * 60**i for i, x in enumerate(reversed(hms.split("-")[-1].split(":")))))
-
-
-def wait_job(job: str, env: dict, limit_s: float = 900, until=FINAL) -> dict:
-    """Poll every 0.2 s until the job's state is in ``until``; records state changes."""
-    t0, seen, last = time.monotonic(), [], None
-    while True:
-        info = show_job(job, env)
-        key = (info.get("JobState"), info.get("Restarts"))
-        if key != last:
-            seen.append((round(time.monotonic() - t0, 2), *key))
-            last = key
-        if info.get("JobState") in until:
-            info["history"] = seen
-            return info
-        if time.monotonic() - t0 > limit_s:
-            pytest.fail(f"job {job} still {info.get('JobState')} after {limit_s} s (a hang?); history {seen}")
-        time.sleep(0.2)
-
-
-def submit_cli(config: Path, cwd: Path, env: dict) -> str:
-    p = subprocess.run([sys.executable, "-m", "launcher", "submit", str(config)], cwd=cwd, env=env,
-                       capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stdout + p.stderr
-    return re.search(r"submitted job (\d+)", p.stdout).group(1)
-
-
-def write_config(path: Path, cfg: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +136,7 @@ def kill_rank_after_checkpoint(job: dict, env: dict) -> None:
             job["error"] = f"no checkpoint was ever completed: {show_job(job['id'], env)}"
             return
         time.sleep(0.1)
-    pids = _pids_of_rank(job["run_dir"] / "config.yaml", 1)
+    pids = pids_of_rank(job["run_dir"] / "config.yaml", 1)
     if len(pids) != 1:
         job["error"] = f"expected one process of rank 1, found {pids}"
         return
@@ -197,22 +144,6 @@ def kill_rank_after_checkpoint(job: dict, env: dict) -> None:
     job["t_kill"] = time.monotonic()
     wait_job(job["id"], env, limit_s=120)
     job["t_end"] = time.monotonic()
-
-
-def _pids_of_rank(config: Path, rank: int) -> list[int]:
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmd = b" ".join((proc / "cmdline").read_bytes().split(b"\0"))
-            environ = (proc / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if (b"-m trainer.main" in cmd and str(config).encode() in cmd and b"torch.distributed.run" not in cmd
-                and f"RANK={rank}".encode() in environ):
-            pids.append(int(proc.name))
-    return pids
 
 
 def test_preempted_job_checkpoints_requeues_resumes_and_matches_the_uninterrupted_curve(jobs):
