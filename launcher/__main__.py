@@ -98,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(args, allow_done: bool = False) -> RunConfig:
-    from launcher.rules import load_config
+    from launcher.load import load_config
 
     return load_config(args.config, args.overrides, run_dir=getattr(args, "out", None), allow_done=allow_done)
 
@@ -111,7 +111,7 @@ def _plan(args, cfg: RunConfig):
 
 def _script_problems(plan) -> list[str]:
     from launcher import execute
-    from launcher.rules import env_setup_shell_problems
+    from launcher.rules_slurm import env_setup_shell_problems
 
     env = env_setup_shell_problems(plan.cfg.slurm.env_setup, lambda text: not execute.bash_syntax_problems(text))
     return env or execute.bash_syntax_problems(plan.files[plan.script])
@@ -169,7 +169,8 @@ def cmd_plan(args) -> int:
     import yaml
 
     from launcher import execute, planner
-    from launcher.rules import apply_overrides, load_config, parse_overrides, read_yaml, validate
+    from launcher.load import load_config
+    from launcher.rules import apply_overrides, parse_overrides, read_yaml, validate
 
     out = Path(args.apply) if args.apply else None
     if out is not None and out.exists():

@@ -1,34 +1,34 @@
-"""Every rule of a run config, and the one loader that applies them.
+"""The rules of a run config that need nothing but the config: reading the YAML and the overrides,
+the schema, and the cross-field rules.
 
-    load_config(path, overrides)  YAML + dotted key=value overrides -> a validated RunConfig, or one
-                                  ConfigError that lists every problem (schema, cross-field, disk)
+    validate(data, source, origin)  dict -> a validated RunConfig, or one ConfigError that lists every
+                                    schema and cross-field problem
 
-The launcher (validate, render, submit, run, job-facts) and the trainer load through it. Rules: the
-YAML itself (launcher/yamlio.py: one key per mapping, YAML 1.2 scalars); the schema (launcher/config.py,
-with strict types by field type from launcher/strict.py); cross-field rules of the model, data, train
-and ZeRO keys, the task, the method and the Slurm section; the batch arithmetic (launcher/batch.py); and
-disk rules (paths exist and are the right kind, the run dir can be written and belongs to this run, the
-model folder can be read, a base DeepSpeed JSON agrees).
+Rules: the YAML itself (launcher/yamlio.py: one key per mapping, YAML 1.2 scalars); the schema
+(launcher/config.py, with strict types by field type from launcher/strict.py); cross-field rules of the
+model, data, train and ZeRO keys, the task, the method and efficiency settings (here); of a model config's
+shape, LoRA targets and Liger (launcher/rules_model.py); of the Slurm section (launcher/rules_slurm.py);
+and the batch arithmetic (launcher/batch.py). The disk rules (paths exist and are the right kind, the run
+dir can be written and belongs to this run, the model folder can be read, a base DeepSpeed JSON agrees)
+live in launcher/rules_disk.py, and the one loader that applies all of them (YAML + overrides -> a
+validated RunConfig) in launcher/load.py.
 Each message names the key as the user typed it, the value and the fix. Importable without torch.
 """
 from __future__ import annotations
 
 import difflib
 import os
-import re
-from pathlib import Path
-from typing import Any, Callable, Optional, Union, get_args
+from typing import Any, Optional, Union, get_args
 
 from pydantic import BaseModel, ValidationError
 
-from launcher import rundir, yamlio
+from launcher import yamlio
 from launcher.batch import batch_problems
-from launcher.config import (BNB_OPTIMIZERS, PEFT_METHODS, PER_LABEL_METRICS, RESUBMIT_FREE_KEYS, TASK_METRICS,
-                             RunConfig, flatten, to_dict)
+from launcher.config import BNB_OPTIMIZERS, PEFT_METHODS, PER_LABEL_METRICS, TASK_METRICS, RunConfig
 from launcher.errors import ConfigError
-from launcher.memory import HF_CONFIG, LLAMA_LIKE, read_model_folder
-from launcher.slurm import SENTINEL, env_setup_probes, env_setup_problems
-from launcher.strict import PathText, path_text_ok
+from launcher.rules_model import hf_config_problems, liger_problems, lora_target_problems
+from launcher.rules_slurm import cluster_problems, slurm_problems
+from launcher.strict import PathText
 
 # dotted key -> (the scalar as the user wrote it, its line in the YAML file; None = a key=value override)
 Origin = dict[str, tuple[str, Optional[int]]]
@@ -109,46 +109,6 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any], problems: O
         raise ConfigError(found)
     (problems if problems is not None else []).extend(found)
     return data
-
-
-def load_config(path: Union[str, os.PathLike], overrides: Optional[list[str]] = None, *,
-                run_dir: Optional[str] = None, allow_done: bool = False, disk: bool = True) -> RunConfig:
-    """YAML + ``key=value`` overrides (+ ``--out`` run dir) -> RunConfig, or one ConfigError with every
-    problem. ``disk``: also check paths and the run dir (see :func:`disk_problems`); relative paths
-    resolve against the current directory, as the user typed them. ``allow_done``: a finished run
-    dir is fine (render, job-facts: the batch script exits 0 there itself)."""
-    data, origin = yamlio.load_file(path)
-    data = {} if data is None else data
-    parsed, problems = parse_overrides(list(overrides or []))
-    if isinstance(data, dict):
-        data = apply_overrides(data, parsed, problems)
-        for key in parsed:  # the value as written is now the override's
-            origin = {k: v for k, v in origin.items() if k != key and not k.startswith(key + ".")}
-        origin.update({k: (raw, None) for k, raw in _override_text(overrides or []).items()})
-    if run_dir is not None and isinstance(data, dict):
-        if "run_dir" in parsed:
-            problems.append(f"run_dir is given twice: --out {run_dir!r} and the override "
-                            f"run_dir={parsed['run_dir']!r}; keep one")
-        data["run_dir"] = run_dir  # set directly: a path is not YAML to be parsed
-        origin.pop("run_dir", None)
-    cfg = None
-    path = yamlio.shown_path(path)  # loaded, so it is printable
-    try:
-        cfg = validate(data, source=str(path), origin=origin)
-    except ConfigError as e:
-        problems += e.problems
-    if disk and isinstance(data, dict):
-        problems += path_problems(data)  # from the raw dict: reported even when the schema has problems
-        if cfg is not None:
-            problems += disk_problems(cfg, allow_done, paths=False)
-    if problems:
-        raise ConfigError(problems, str(path))
-    return cfg
-
-
-def _override_text(items: list[str]) -> dict[str, str]:
-    return {k.strip(): raw for k, sep, raw in (i.partition("=") for i in items) if sep}
-
 
 # --------------------------------------------------------------------------- schema
 
@@ -294,91 +254,6 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
     return p
 
 
-# Integer sizes of Hugging Face model configs: when given, each is a positive whole number.
-HF_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "max_position_embeddings", "n_embd", "n_layer", "n_head",
-            "n_positions", "n_inner", "d_model", "num_layers", "num_heads", "d_ff", "d_kv")
-
-
-def hf_config_problems(c: dict[str, Any], where: str) -> list[str]:
-    """Shapes a Hugging Face config cannot build (or our parameter count would divide by). ``where`` is
-    "model.config" or the folder's config.json path, as the user knows it."""
-    def k(key: str) -> str:
-        return f"'{where}.{key}'" if where == "model.config" else f"'{key}' in {where}"
-
-    p = []
-    model_type = c.get("model_type")
-    if not isinstance(model_type, str) or not model_type.strip():
-        p.append(f"{k('model_type')} = {model_type!r}: a model config needs a model_type (e.g. llama) to pick the "
-                 "architecture; see examples/tiny-sft.yaml")
-    for key in HF_SIZES:
-        value = c.get(key)
-        if value is not None and (type(value) is not int or value <= 0):
-            p.append(f"{k(key)} = {value!r} must be a positive whole number")
-    if p:
-        return p
-    h, heads, kv = c.get("hidden_size"), c.get("num_attention_heads"), c.get("num_key_value_heads")
-    if h and heads and c.get("head_dim") is None and h % heads:
-        p.append(f"{k('hidden_size')} = {h} is not divisible by num_attention_heads = {heads} (each head gets "
-                 "hidden_size / num_attention_heads dimensions); change one of them, or set head_dim")
-    if heads and kv and heads % kv:
-        p.append(f"{k('num_attention_heads')} = {heads} is not a multiple of num_key_value_heads = {kv} "
-                 "(grouped-query attention shares each key/value head among a whole number of query heads)")
-    if c.get("n_embd") and c.get("n_head") and c["n_embd"] % c["n_head"]:
-        p.append(f"{k('n_embd')} = {c['n_embd']} is not divisible by n_head = {c['n_head']}")
-    return p
-
-
-# Module names of a Llama-style model (transformers' LlamaFor*/MistralFor*), "{i}" = a layer index.
-_LLAMA_MODULES = ("model", "model.embed_tokens", "model.layers", "model.layers.{i}", "model.layers.{i}.self_attn",
-                  *(f"model.layers.{{i}}.self_attn.{m}" for m in ("q_proj", "k_proj", "v_proj", "o_proj")),
-                  "model.layers.{i}.mlp",
-                  *(f"model.layers.{{i}}.mlp.{m}" for m in ("gate_proj", "up_proj", "down_proj")),
-                  "model.layers.{i}.mlp.act_fn", "model.layers.{i}.input_layernorm",
-                  "model.layers.{i}.post_attention_layernorm", "model.norm", "model.rotary_emb")
-
-
-def llama_module_names(task_type: str) -> tuple[str, ...]:
-    """Module names of a Llama-style model for a task ("{i}" = layer index); the head depends on the task."""
-    return _LLAMA_MODULES + (("lm_head",) if task_type == "causal_lm" else ("score",))
-
-
-def module_matches(target: str, names: tuple[str, ...], layers: int) -> bool:
-    """peft's rule for a listed target: it equals a module's name or a dotted suffix of it."""
-    want = target.split(".")
-    for name in names:
-        parts = name.split(".")
-        if len(want) > len(parts):
-            continue
-        tail = parts[len(parts) - len(want):]
-        if all(t == w or (t == "{i}" and w.isdecimal() and w.isascii() and int(w) < layers)
-               for t, w in zip(tail, want)):
-            return True
-    return False
-
-
-def lora_target_problems(cfg: RunConfig, hf: dict[str, Any], where: str) -> list[str]:
-    """LoRA target modules that match no module of a known (Llama-style) architecture: peft would wrap
-    fewer layers than listed, or none. Other architectures are checked by the trainer once built."""
-    m = cfg.method
-    targets = m.lora.target_modules
-    if m.name not in ("lora", "qlora", "adalora") or targets == "all-linear":
-        return []
-    if not targets:
-        return ["'method.lora.target_modules' = [] names no module, so nothing would train; list module names "
-                "(e.g. [q_proj, v_proj]) or use all-linear"]
-    if hf.get("model_type") not in LLAMA_LIKE:
-        return []
-    names = llama_module_names(cfg.task.type)
-    bad = [t for t in targets if not module_matches(t, names, int(hf.get("num_hidden_layers") or 32))]
-    if not bad:
-        return []
-    linears = ", ".join(n.rsplit(".", 1)[1] for n in names if n.endswith("_proj"))
-    return [f"'method.lora.target_modules' lists {bad}, which match no module of this {hf['model_type']} model "
-            f"({where}); its linear layers are {linears} (a name, or a dotted suffix of one such as "
-            "self_attn.q_proj); fix the names or use all-linear"]
-
-
 def task_problems(cfg: RunConfig) -> list[str]:
     """Cross-field rules of the task section (part of cross_field_problems)."""
     t, d, p = cfg.task, cfg.data, []
@@ -424,36 +299,6 @@ def task_problems(cfg: RunConfig) -> list[str]:
             p.append(f"'task.early_stopping.metric' = {es.metric!r} is not a metric of task.type={t.type!r}; "
                      f"choose one of {', '.join(known)}" + (f", or a per-label one: {per_label}" if per_label else ""))
     return p
-
-
-# Text causal-LM model types liger-kernel 0.8.5 patches (liger_kernel.transformers.monkey_patch
-# MODEL_TYPE_TO_APPLY_LIGER_FN, vision-language entries left out). Kept here: the launcher imports no torch.
-LIGER_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "falcon_h1", "gemma", "gemma2", "gemma3_text", "glm4", "granite",
-                     "llama", "ministral", "mistral", "mixtral", "nemotron", "olmo2", "olmo3", "phi3", "qwen2", "qwen3",
-                     "qwen3_moe", "smollm3")
-
-
-def model_type_of(cfg: RunConfig, disk: bool = False) -> Optional[str]:
-    """The model type: from model.config, or (disk) from the model folder's config.json; None if unknown."""
-    if cfg.model.config is not None:
-        return cfg.model.config.get("model_type")
-    if disk and cfg.model.name_or_path is not None and Path(cfg.model.name_or_path).is_dir():
-        try:
-            hf, _ = read_model_folder(Path(cfg.model.name_or_path))
-        except ConfigError:
-            return None  # model_folder_problems says why
-        return hf.get("model_type") if isinstance(hf.get("model_type"), str) else None
-    return None
-
-
-def liger_problems(cfg: RunConfig, disk: bool = False) -> list[str]:
-    """model.liger on an architecture Liger has no kernels for (the device is checked at trainer start)."""
-    kind = model_type_of(cfg, disk)
-    if not cfg.model.liger or kind is None or kind in LIGER_MODEL_TYPES:
-        return []
-    return [f"'model.liger' = true, but Liger has no kernels for model type {kind!r}; supported: "
-            f"{', '.join(LIGER_MODEL_TYPES)}; set model.liger=false (the chunked loss, train.loss_chunk_tokens, "
-            "still avoids the full logits)"]
 
 
 def efficiency_problems(cfg: RunConfig) -> list[str]:
@@ -542,262 +387,3 @@ def method_problems(cfg: RunConfig) -> list[str]:
                  "train.optimizer=adamw (DeepSpeed's CPU Adam) with offload, or set train.allow_bnb_offload=true "
                  "to accept the slow pairing")
     return p
-def slurm_problems(cfg: RunConfig) -> list[str]:
-    """Cross-field rules of the slurm section (part of cross_field_problems). Pure."""
-    s, d, p = cfg.slurm, cfg.dist, []
-    if s.signal_lead_s >= s.time_min * 60:
-        p.append(f"'slurm.signal_lead_s' = {s.signal_lead_s} is not shorter than the time limit 'slurm.time_min' = "
-                 f"{s.time_min} min ({s.time_min * 60} s), so the job would be told to stop before it trains; "
-                 f"raise slurm.time_min or lower slurm.signal_lead_s")
-    if s.gpus_per_node and s.gpus_per_node != d.procs_per_node:
-        p.append(f"'slurm.gpus_per_node' = {s.gpus_per_node} but 'dist.procs_per_node' = {d.procs_per_node}: the job "
-                 f"starts one rank per GPU, a world of {d.nodes} x {s.gpus_per_node} = {d.nodes * s.gpus_per_node}, "
-                 f"not the {cfg.world_size} the batch math plans; set dist.procs_per_node={s.gpus_per_node} (or "
-                 "leave slurm.gpus_per_node unset; 0 = CPU-only nodes)")
-    if s.gpu_mem_gb is not None and s.gpus_per_node == 0:
-        p.append(f"'slurm.gpu_mem_gb' = {s.gpu_mem_gb:g} but 'slurm.gpus_per_node' = 0 (CPU-only nodes): there is no "
-                 "GPU memory to plan; remove slurm.gpu_mem_gb, or request GPUs")
-    if s.gpus_per_node == 0:
-        if cfg.precision.dtype == "fp16":
-            p.append("'precision.dtype' = 'fp16' cannot run on CPU-only nodes (slurm.gpus_per_node = 0): DeepSpeed "
-                     "has no fp16 on a CPU; use precision.dtype=bf16 or fp32, or request GPUs")
-        if cfg.method.name == "qlora":
-            p.append("'method.name' = 'qlora' cannot run on CPU-only nodes (slurm.gpus_per_node = 0): its 4-bit "
-                     "weights need CUDA kernels; use method.name=lora, or request GPUs")
-    p += env_setup_problems(s.env_setup)
-    if not s.job_name.strip():
-        p.append("'slurm.job_name' is empty; give the job a name (e.g. slurm.job_name=finetune)")
-    for key in ("partition", "account", "qos", "constraint", "python"):
-        value = getattr(s, key)
-        if value is not None and not value.strip():
-            p.append(f"'slurm.{key}' = {value!r} is empty; remove the key to use the default")
-    return p
-
-
-def env_setup_shell_problems(lines: list[str], parses: Callable[[str], bool]) -> list[str]:
-    """The bash part of the slurm.env_setup rule (launcher/slurm.py explains it): ``parses(text)`` is
-    ``bash -n`` (the launcher passes launcher/execute.py's); nothing is executed."""
-    p = []
-    for i, line in enumerate(lines):
-        alone, followed = env_setup_probes(line)
-        key = f"'slurm.env_setup[{i}]' = {line!r}"
-        if not parses(alone):
-            p.append(f"{key} is not a complete shell command on its own (bash -n refuses it: an unclosed quote, "
-                     "bracket or if/for?); put each whole command on one entry")
-        elif parses(followed):
-            p.append(f"{key} swallows the line after it (a here-document, a trailing backslash or an open string: "
-                     f"a lone {SENTINEL!r} after it still parses), so the launch lines would never run; write "
-                     "it as one complete command (e.g. export VAR=value) or move it into a script you source")
-    return p
-
-
-# sbatch options the schema models (the key to use instead); slurm.extra_sbatch may not set them.
-MODELLED_SBATCH = {
-    "job-name": "slurm.job_name", "nodes": "dist.nodes", "ntasks": "dist.nodes (one task per node)",
-    "ntasks-per-node": "dist.procs_per_node (one task per node starts its ranks)", "gpus-per-node":
-    "slurm.gpus_per_node", "gpus": "slurm.gpus_per_node", "cpus-per-task": "slurm.cpus_per_task",
-    "mem": "slurm.mem_gb", "time": "slurm.time_min", "partition": "slurm.partition", "account": "slurm.account",
-    "qos": "slurm.qos", "constraint": "slurm.constraint", "output": "the run dir (slurm-JOBID.out there)",
-    "error": "the run dir (slurm-JOBID.err there)", "signal": "slurm.signal and slurm.signal_lead_s",
-    "requeue": "slurm.max_requeues", "no-requeue": "slurm.max_requeues=0", "open-mode": "nothing (append keeps "
-    "a requeued job's output in one file)", "exclusive": "slurm.exclusive", "array": "python -m launcher sweep",
-    "wrap": "nothing (the batch script is rendered)", "chdir": "nothing (relative paths resolve in the submit "
-    "directory; submit from the directory you want)", "parsable": "nothing", "wait": "nothing",
-}
-_SBATCH_FLAG = re.compile(r"--([a-z][a-z0-9-]*)(=(.+))?", re.S)
-_MOUNT = re.compile(r"(/[^,:\s]*):(/[^,:\s]*)(:[a-z+]+)?")
-
-
-def cluster_problems(cfg: RunConfig) -> list[str]:
-    """slurm.extra_sbatch, slurm.container (part of cross_field_problems). Pure."""
-    s, p = cfg.slurm, []
-    seen = set()
-    for item in s.extra_sbatch:
-        m = _SBATCH_FLAG.fullmatch(item)
-        if m is None or "\n" in item:
-            p.append(f"'slurm.extra_sbatch' item {item!r} is not an sbatch option; write it as --flag=value or "
-                     "--flag (long form, e.g. --reservation=maint or --mail-type=END)")
-            continue
-        name = m.group(1)
-        if name in MODELLED_SBATCH:
-            p.append(f"'slurm.extra_sbatch' item {item!r} sets --{name}, which the config models; use "
-                     f"{MODELLED_SBATCH[name]} instead")
-        elif name in seen:
-            p.append(f"'slurm.extra_sbatch' sets --{name} more than once; keep one")
-        seen.add(name)
-    c = s.container
-    if c is not None:
-        if not c.image.strip() or "\n" in c.image:
-            p.append(f"'slurm.container.image' = {c.image!r} is empty or holds a newline; give an image "
-                     "(e.g. nvcr.io#nvidia/pytorch:24.05-py3) or a squashfs file")
-        for mount in c.mounts:
-            if not _MOUNT.fullmatch(mount):
-                p.append(f"'slurm.container.mounts' item {mount!r} is not SRC:DST[:FLAGS] with absolute paths "
-                         "(no commas or spaces: pyxis joins the mounts with commas), e.g. /scratch:/scratch")
-        if c.workdir is not None and not c.workdir.startswith("/"):
-            p.append(f"'slurm.container.workdir' = {c.workdir!r} must be an absolute path inside the container; "
-                     "remove it to use the submit directory")
-    return p
-
-
-# --------------------------------------------------------------------------- disk
-
-
-def _get(data: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        if not isinstance(data, dict):
-            return None
-        data = data.get(part)
-    return data
-
-
-def _is_save_to_disk(folder: Path) -> bool:
-    """A folder written by datasets' save_to_disk (a Dataset, or a DatasetDict)."""
-    return ((folder / "dataset_info.json").is_file() and (folder / "state.json").is_file()) or \
-        (folder / "dataset_dict.json").is_file()
-
-
-def path_problems(data: dict[str, Any]) -> list[str]:
-    """Missing or wrong-kind model/tokenizer folders and data files, read from the raw (overridden) config
-    dict, so they are reported even when the schema has problems of its own."""
-    p = []
-    folders = [("model.name_or_path", "a local Hugging Face folder (save_pretrained)"),
-               ("model.tokenizer", "a local folder with tokenizer files")]
-    for key, what in folders:
-        value = _get(data, key)
-        if isinstance(value, str) and path_text_ok(value) and not Path(value).is_dir():
-            p.append(f"'{key}' = {value!r} " + ("is a file" if Path(value).exists() else "does not exist") +
-                     f"; it must be {what} reachable from the compute nodes")
-    for key in ("data.train", "data.eval", "zero.base_config"):
-        value = _get(data, key)
-        if not (isinstance(value, str) and path_text_ok(value)):
-            continue
-        if not Path(value).exists():
-            p.append(f"'{key}' = {value!r} does not exist; fix the path (relative paths are relative to "
-                     "the directory you launch from)")
-        elif key.startswith("data.") and Path(value).is_dir() and not _is_save_to_disk(Path(value)):
-            p.append(f"'{key}' = {value!r} is a folder, but not one written by datasets' save_to_disk (it has no "
-                     "dataset_info.json + state.json, or dataset_dict.json); point it at a data file (.jsonl, "
-                     ".json, .csv, .parquet) or a save_to_disk folder")
-    return p
-
-
-def resolved_path(path: Union[str, os.PathLike]) -> Path:
-    """A path as the filesystem means it: absolute, with '.', '..' and symlinks resolved (relative paths
-    against the current directory, i.e. where the user launches). ``./x/`` and ``/abs/x`` compare equal."""
-    return Path(os.path.realpath(path))
-
-
-def same_value(key: str, a: Any, b: Any) -> bool:
-    """Two values of one config key mean the same thing (path keys: the same resolved path)."""
-    if a == b:
-        return True
-    return key in _PATH_KEYS and isinstance(a, str) and isinstance(b, str) and resolved_path(a) == resolved_path(b)
-
-
-_PATH_KEYS = frozenset(path_keys())
-
-
-def run_dir_path_problems(cfg: RunConfig) -> list[str]:
-    """The run dir is a folder we can create or write; a folder that is not a run dir (no config.yaml)
-    but holds files named like ours (``render --out slurm``: slurm/finetune.sh) is refused, so a render
-    never overwrites a file that is not a run dir's own."""
-    key = f"'run_dir' = {cfg.run_dir!r}"
-    path = Path(cfg.run_dir).absolute()
-    try:
-        existing = next(p for p in (path, *path.parents) if p.exists())
-    except OSError as e:
-        return [f"{key} cannot be checked ({e.strerror}: {e.filename}); choose a run_dir you can read and write"]
-    if existing == path and not path.is_dir():
-        return [f"{key} is a file; a run dir is a folder: choose another run_dir"]
-    if existing != path and not existing.is_dir():
-        return [f"{key} cannot be created: {str(existing)!r} is a file; choose another run_dir"]
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return [f"{key} is not writable: you cannot write in {str(existing)!r}; choose a run_dir you can write "
-                "(reachable from the compute nodes)"]
-    layout = rundir.RunDir(path)
-    ours = [f.name for f in (layout.ds_config, layout.script, layout.hostfile, layout.world) if f.exists()]
-    if ours and not layout.config.is_file():
-        return [f"{key} is not a run dir (it has no {rundir.CONFIG}) but holds {', '.join(ours)}, which would be "
-                "overwritten; choose a new (or empty) run_dir"]
-    return []
-
-
-def model_folder_problems(cfg: RunConfig) -> list[str]:
-    """The model folder's config.json and safetensors headers (what launcher/memory.py and from_pretrained
-    read): readable, a buildable shape, and LoRA targets that exist in it."""
-    folder = cfg.model.name_or_path
-    if folder is None or not Path(folder).is_dir():
-        return []  # none, or path_problems says so
-    try:
-        hf, _ = read_model_folder(Path(folder))
-    except ConfigError as e:
-        return [f"'model.name_or_path' = {folder!r}: {p}" for p in e.problems]
-    where = str(Path(folder) / HF_CONFIG)
-    return hf_config_problems(hf, where) or lora_target_problems(cfg, hf, where)
-
-
-def _where(key: str, value: Any, run_dir: str) -> Any:
-    """A path key's identity: its resolved path, or its place inside the run dir (a moved run dir
-    takes such files along). Other values are themselves."""
-    if key not in _PATH_KEYS or not isinstance(value, str):
-        return value
-    path, root = resolved_path(value), resolved_path(run_dir)
-    return ("RUN_DIR", path.relative_to(root).as_posix()) if path.is_relative_to(root) else str(path)
-
-
-def run_dir_problems(cfg: RunConfig, allow_done: bool = False) -> list[str]:
-    """A run dir belongs to one run: a different config there would mix two runs. The slurm
-    section may differ (a resubmission with more time or another partition is the same run), and so
-    may ``run_dir`` itself (a run dir copied or moved elsewhere is the same run); the other paths
-    count by where they resolve to."""
-    run_dir = rundir.RunDir(cfg.run_dir)
-    saved = run_dir.config
-    p = []
-    if saved.is_file():
-        try:
-            raw = read_yaml(saved)
-        except ConfigError as e:
-            return [f"run_dir {cfg.run_dir!r} holds an unreadable config.yaml ({e.problems[0]}); "
-                    "choose a new run_dir"]
-        try:  # compare resolved configs, so keys a newer schema added with defaults do not count
-            old = flatten(to_dict(validate(raw, source=str(saved))))
-        except ConfigError:
-            old = flatten(raw)
-        new = flatten(to_dict(cfg))
-        old_root = old.get("run_dir") if isinstance(old.get("run_dir"), str) else cfg.run_dir
-        old = {k: _where(k, v, old_root) for k, v in old.items()}
-        new = {k: _where(k, v, cfg.run_dir) for k, v in new.items()}
-        # slurm.* says where and how long a job runs, not what it trains: a resubmission may change it
-        # (nor do the RESUBMIT_FREE_KEYS: how the job copes with faults, not what it trains)
-        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k != "run_dir"
-                      and not k.startswith("slurm.") and k not in RESUBMIT_FREE_KEYS)
-        if diff:
-            p.append(f"run_dir {cfg.run_dir!r} holds a different run's config (differs in: {', '.join(diff)}); "
-                     f"choose a new run_dir, or use the config saved there ({saved}) to resume that run")
-    if not allow_done and run_dir.done.exists():
-        p.append(f"run_dir {cfg.run_dir!r} holds a finished run ({run_dir.done}); choose a new run_dir "
-                 "to train again")
-    return p
-
-
-def ds_config_problems(cfg: RunConfig) -> list[str]:
-    """A user base DeepSpeed JSON that contradicts the run config (e.g. fp16 on while dtype is bf16)."""
-    from launcher.ds_config import build_ds_config
-
-    if cfg.zero.base_config is None or not Path(cfg.zero.base_config).exists():
-        return []  # none, or missing (path_problems says so)
-    try:
-        build_ds_config(cfg)
-    except ConfigError as e:
-        return e.problems
-    return []
-
-
-def disk_problems(cfg: RunConfig, allow_done: bool = False, paths: bool = True) -> list[str]:
-    """The disk rules of :func:`load_config` for an already validated config (the trainer runs them
-    at start, before anything is written). ``paths``: include :func:`path_problems`."""
-    run_dir = run_dir_path_problems(cfg)
-    return ((path_problems(to_dict(cfg)) if paths else []) + run_dir +
-            (run_dir_problems(cfg, allow_done) if not run_dir else []) + ds_config_problems(cfg) +
-            model_folder_problems(cfg) + (liger_problems(cfg, disk=True) if cfg.model.config is None else []))

@@ -148,7 +148,7 @@ def make_sweep(config_path: str, items: list[str], out: Optional[str], max_paral
     for combo, name in zip(combos, names):
         overrides = [*fixed, *(f"{a.key}={v}" for a, v in zip(axes, combo))]
         try:
-            from launcher.rules import load_config
+            from launcher.load import load_config
 
             cfg = load_config(config_path, overrides, run_dir=str(Path(out, name)))
         except ConfigError as e:

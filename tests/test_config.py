@@ -9,7 +9,8 @@ import pytest
 
 from launcher.batch import BatchPlan, fit_world, plan_batch
 from launcher.config import ConfigError
-from launcher.rules import load_config, parse_overrides, validate
+from launcher.load import load_config
+from launcher.rules import parse_overrides, validate
 from launcher.ds_config import OWNED, build_ds_config, render_ds_config
 
 BASE = {"run_dir": "runs/x", "model": {"tokenizer": "tok", "config": {"model_type": "llama"}},

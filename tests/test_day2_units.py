@@ -21,8 +21,9 @@ import yaml
 from helpers import ROOT, arith_rows, tiny_config, write_jsonl
 from launcher import jobs, sweep
 from launcher.config import ConfigError
+from launcher.load import load_config
 from launcher.plan import make_plan
-from launcher.rules import load_config, read_yaml, validate
+from launcher.rules import read_yaml, validate
 from launcher.slurm import NETWORKS, network_block
 
 GOLDEN = ROOT / "tests" / "golden" / "cluster-container.sh"

@@ -24,7 +24,8 @@ import yaml
 
 from helpers import ROOT, arith_rows, env_for_ranks, launch, result, tiny_config, write_jsonl
 from launcher.config import to_yaml
-from launcher.rules import run_dir_problems, validate
+from launcher.rules import validate
+from launcher.rules_disk import run_dir_problems
 
 Z3 = {"stage": 3, "param_persistence_threshold": 0}
 STAGES = {"z1": {"stage": 1}, "z2off": {"stage": 2, "offload_optimizer": True}, "z3": Z3}

@@ -23,7 +23,9 @@ from helpers import ROOT, TINY_LLAMA, arith_rows, env_for_ranks, tiny_config, wr
 from launcher import yamlio
 from launcher.__main__ import main
 from launcher.config import to_dict
-from launcher.rules import load_config, module_matches, llama_module_names, resolved_path, same_value
+from launcher.load import load_config
+from launcher.rules_disk import resolved_path, same_value
+from launcher.rules_model import llama_module_names, module_matches
 from launcher.strict import parse_slurm_minutes
 
 
@@ -453,7 +455,7 @@ def test_lora_targets_that_match_no_module_are_refused_where_the_architecture_is
 
 
 def test_the_llama_module_names_are_the_real_models(tmp_path):
-    """rules.llama_module_names (what validate matches targets against) = the modules transformers builds."""
+    """rules_model.llama_module_names (what validate matches targets against) = the modules transformers builds."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kwargs = {k: v for k, v in TINY_LLAMA.items() if k != "model_type"}

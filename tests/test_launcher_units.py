@@ -14,7 +14,8 @@ import yaml
 
 from helpers import ROOT, TINY_LLAMA, arith_rows, tiny_config, write_jsonl
 from launcher.config import ConfigError
-from launcher.rules import load_config, read_yaml, validate
+from launcher.load import load_config
+from launcher.rules import read_yaml, validate
 from launcher.memory import count_params, estimate, lora_params, params_from_hf_config
 from launcher.plan import GENERATED_KEY, PRESETS, PRESETS_COMMAND, make_plan, model_state, render_presets
 from launcher.slurm import ScriptSpec, directive_safe, q, render_script, sbatch_options

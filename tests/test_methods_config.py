@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from launcher.config import ConfigError
-from launcher.rules import load_config, validate
+from launcher.load import load_config
+from launcher.rules import validate
 from launcher.ds_config import render_ds_config
 from trainer import layerwise as L
 

@@ -21,7 +21,8 @@ if __package__ in (None, ""):  # run as a script: make `trainer` and `launcher` 
 from launcher.batch import fit_world, plan_batch  # noqa: E402
 from launcher.config import ConfigError, RunConfig, to_yaml  # noqa: E402
 from launcher.errors import EXIT_CHECKPOINT_WRITE, EXIT_USER_ERROR  # noqa: E402
-from launcher.rules import disk_problems, load_config  # noqa: E402
+from launcher.load import load_config  # noqa: E402
+from launcher.rules_disk import disk_problems  # noqa: E402
 from launcher.rundir import GENERATED_KEY, RunDir  # noqa: E402
 
 
