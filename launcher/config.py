@@ -1,9 +1,11 @@
 """The one typed run config: the schema, and nothing else.
 
 Nested pydantic sections grouped by concern (model, data, train, precision, zero, dist,
-checkpoint, logging, slurm, method, task). Every rule that involves more than one field, and the
-one loader (YAML + ``key=value`` overrides -> a validated ``RunConfig``), live in
-launcher/rules.py. Importable without torch: the launcher and the trainer share it.
+checkpoint, logging, slurm, method, task). Every rule that involves more than one field lives in
+launcher/rules.py (the model's in launcher/rules_model.py, the Slurm section's in
+launcher/rules_slurm.py), the disk rules in launcher/rules_disk.py, and the one loader (YAML +
+``key=value`` overrides -> a validated ``RunConfig``) in launcher/load.py. Importable without
+torch: the launcher and the trainer share it.
 """
 from __future__ import annotations
 

@@ -154,7 +154,7 @@ def sbatch_options(cfg: RunConfig, out_dir: Optional[str], array: bool = False) 
 
 
 def extra_option(item: str) -> tuple[str, str]:
-    """``--flag=value`` -> ("flag", "value"); ``--flag`` -> ("flag", "") (validated in launcher/rules.py)."""
+    """``--flag=value`` -> ("flag", "value"); ``--flag`` -> ("flag", "") (validated in launcher/rules_slurm.py)."""
     name, _, value = item[2:].partition("=")
     return name, value
 

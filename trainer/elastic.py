@@ -62,7 +62,7 @@ def plan_resume(cfg: RunConfig, world) -> Resume:
     (or ZeRO-0, which does not partition): DeepSpeed's own files. Another world: the universal form,
     converted now (rank 0, once; every rank waits). What DeepSpeed cannot convert is refused
     (ConfigError, exit 2). The global batch needs no check here: the run dir holds one run's config
-    (launcher/rules.py), and fit_world keeps its global batch in any world."""
+    (launcher/rules_disk.py), and fit_world keeps its global batch in any world."""
     ckpt_dir = RunDir(cfg.run_dir).checkpoints
     tag = checkpoint.choose(ckpt_dir) if cfg.checkpoint.resume else None  # the newest undamaged one
     if tag is None:

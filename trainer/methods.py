@@ -62,7 +62,7 @@ def check_method_device(cfg: RunConfig, is_cuda: bool) -> None:
 
 def check_module_names(model, cfg: RunConfig) -> None:
     """Every listed LoRA target and modules_to_save entry names a module of the built model (peft's rule:
-    the name, or a dotted suffix of it); peft would skip the others silently. launcher/rules.py checks
+    the name, or a dotted suffix of it); peft would skip the others silently. launcher/rules_model.py checks
     Llama-style configs before launch; this covers every architecture."""
     names = [n for n, _ in model.named_modules() if n]
 
