@@ -35,7 +35,7 @@ def show_job(job: str, env: dict) -> dict:
     return fields
 
 
-def _seconds(hms: str) -> float:
+def seconds(hms: str) -> float:
     return float(sum(int(x) * 60**i for i, x in enumerate(reversed(hms.split("-")[-1].split(":")))))
 
 

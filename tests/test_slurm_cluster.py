@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 
 from helpers import ROOT, arith_rows, assert_curves_close, losses, tiny_config, write_jsonl
-from slurm_jobs import FINAL, job_env, pids_of_rank, show_job, submit_cli, wait_job, write_config
+from slurm_jobs import FINAL, job_env, pids_of_rank, seconds, show_job, submit_cli, wait_job, write_config
 
 pytestmark = pytest.mark.slurm
 
@@ -155,7 +155,7 @@ def test_preempted_job_checkpoints_requeues_resumes_and_matches_the_uninterrupte
     assert "t_running" in p, "the watcher did not see the job requeued and running again"
     FIGURES["preempt: USR2 -> requeued (PENDING)"] = p["t_pending"] - p["t_signal"]
     FIGURES["preempt: requeue delay (PENDING -> RUNNING)"] = p["t_running"] - p["t_pending"]
-    FIGURES["preempt: RunTime of the resumed run"] = _seconds(final["RunTime"])
+    FIGURES["preempt: RunTime of the resumed run"] = seconds(final["RunTime"])
     assert (final["JobState"], final["ExitCode"], final["Restarts"]) == ("COMPLETED", "0:0", "1"), final
     log = slurm_output(run_dir, job)
     assert "[finetune] SIGUSR2 received" in log and "requeueing (restart 1 of at most 3)" in log
@@ -200,7 +200,7 @@ def test_a_rank_that_dies_fails_the_job_promptly_and_keeps_the_last_checkpoint(j
 def test_submit_runs_a_two_node_job_with_hostile_names_and_paths(jobs):
     h, env = jobs["hostile"], jobs["env"]
     final = wait_job(h["id"], env)
-    FIGURES["hostile 2x1 (launcher submit): RunTime"] = _seconds(final["RunTime"])
+    FIGURES["hostile 2x1 (launcher submit): RunTime"] = seconds(final["RunTime"])
     run_dir = h["run_dir"]
     assert (final["JobState"], final["ExitCode"]) == ("COMPLETED", "0:0"), slurm_output(run_dir, h["id"])[-4000:]
     assert final["JobName"] == h["job_name"]  # the name reached Slurm byte for byte (newline included)
@@ -215,7 +215,7 @@ def test_submit_runs_a_two_node_job_with_hostile_names_and_paths(jobs):
 def test_sbatch_of_the_checked_in_script_with_a_node_override(jobs):
     d, env = jobs["direct"], jobs["env"]
     final = wait_job(d["id"], env)
-    FIGURES["direct sbatch 2x2: RunTime"] = _seconds(final["RunTime"])
+    FIGURES["direct sbatch 2x2: RunTime"] = seconds(final["RunTime"])
     out = (d["cwd"] / f"slurm-{d['id']}.out").read_text()
     assert (final["JobState"], final["ExitCode"]) == ("COMPLETED", "0:0"), out[-3000:]
     assert world(d["run_dir"]) == [(0, 0, "node1", 4), (1, 0, "node1", 4), (2, 1, "node2", 4), (3, 1, "node2", 4)]
