@@ -462,8 +462,6 @@ def cancel(run_dir: Path, with_checkpoint: bool, timeout_s: float = 900, poll_s:
         st = job_state(job, read_records(run_dir))
         if _ended(st) or st["state"] not in ("RUNNING", "COMPLETING"):
             break
-        if not layout.stop.exists():  # a trainer that started after the signal removed STOP at its start
-            execute.touch(layout.stop)
         time.sleep(poll_s)
     # The ranks exit right after the checkpoint and the batch script ends the job without a requeue;
     # give it a minute to do so (and record it), then scancel whatever is left.

@@ -49,6 +49,9 @@ EVAL = "eval"
 EXPORT = "export"
 ADAPTER = "adapter"
 STOP = "STOP"
+# The batch script exports this attempt's key (JOBKEY.RESTART) and writes it into STOP on a preemption
+# signal; a trainer starting up keeps a STOP holding its own attempt's key (trainer/stop.py clear_stale).
+STOP_KEY_ENV = "FINETUNE_STOP_KEY"
 DONE = "DONE"
 # inside a checkpoint folder (RUN_DIR/checkpoints or RUN_DIR/checkpoints/best)
 LATEST = "latest"  # DeepSpeed's name: the tag of the newest complete checkpoint

@@ -182,3 +182,18 @@ def test_starting_over_sets_each_earlier_attempt_aside_whole_and_keeps_the_runs_
     (tmp_path / "metrics.jsonl").write_text("second attempt")
     assert set_aside(run) == run.previous(2) and (run.previous(2) / "metrics.jsonl").read_text() == "second attempt"
     assert (run.previous(1) / "metrics.jsonl").read_text() == "metrics.jsonl"  # an earlier set-aside is never touched
+
+
+def test_a_stop_written_for_this_attempt_survives_the_start_and_an_earlier_ones_does_not(tmp_path):
+    from launcher.rundir import STOP_KEY_ENV
+    from trainer.stop import clear_stale
+
+    stop, mine = tmp_path / "STOP", {STOP_KEY_ENV: "77_1.0"}  # array task 77_1, restart 0
+    stop.write_text("77_1.0\n")  # the batch script's signal trap, while the ranks were starting
+    assert clear_stale(stop, mine) and stop.exists()
+    assert not clear_stale(stop, {STOP_KEY_ENV: "77_1.1"}) and not stop.exists()  # the requeued attempt
+    stop.write_text("")  # `touch RUN_DIR/STOP` before this start (a stopped local run being resumed)
+    assert not clear_stale(stop, mine) and not stop.exists()
+    stop.write_text("77_1.0\n")
+    assert not clear_stale(stop, {}) and not stop.exists()  # not started by the batch script
+    assert not clear_stale(stop, mine)  # no STOP at all

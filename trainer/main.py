@@ -136,6 +136,7 @@ def write_run_files(cfg: RunConfig, world, ds_config: dict, facts: dict, lines: 
 
     from trainer import start_over
     from trainer.dist import world_info
+    from trainer.stop import clear_stale
 
     infos = [None] * world.world_size
     dist.all_gather_object(infos, {**world_info(world), **facts})
@@ -149,7 +150,8 @@ def write_run_files(cfg: RunConfig, world, ds_config: dict, facts: dict, lines: 
                 **ds_config}
         run_dir.ds_config.write_text(json.dumps(used, indent=2) + "\n")
         run_dir.world.write_text(json.dumps(infos, indent=2) + "\n")
-        run_dir.stop.unlink(missing_ok=True)
+        if clear_stale(run_dir.stop):  # the preemption signal came while the ranks were starting
+            lines = [*lines, "NOTE: a stop was requested while the ranks started: they checkpoint at the first step"]
         earlier = None if cfg.checkpoint.resume else start_over.set_aside(run_dir)  # never mixed with this attempt
         if earlier:
             lines = [*lines, f"NOTE: checkpoint.resume=false: this run starts over at step 0; the earlier attempt's "

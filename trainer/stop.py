@@ -2,13 +2,34 @@
 
 Every rank polls once per optimizer step and the ranks agree (all-reduce; the loop fuses it with
 the step's loss), so they all checkpoint at the same step boundary and exit together.
+
+Under Slurm the batch script traps the signal and writes STOP, holding the attempt's key
+(launcher/rundir.py STOP_KEY_ENV). At start, rank 0 removes a STOP that an earlier attempt (or an
+earlier local run) left, and keeps one holding this attempt's key: the signal came while the ranks
+were starting (importing, loading the model), and they checkpoint at their first step.
 """
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
+from typing import Mapping
 
+from launcher.rundir import STOP_KEY_ENV
 from trainer.dist import any_rank
+
+
+def clear_stale(stop_file: Path, environ: Mapping[str, str] = os.environ) -> bool:
+    """Rank 0 at start: remove an earlier attempt's STOP; keep (and return True for) one that this
+    attempt's batch script wrote."""
+    key = environ.get(STOP_KEY_ENV)
+    try:
+        live = bool(key) and stop_file.read_text().strip() == key
+    except (OSError, UnicodeDecodeError):
+        live = False
+    if not live:
+        stop_file.unlink(missing_ok=True)
+    return live
 
 
 class Stopper:

@@ -77,6 +77,21 @@ record() {
 }
 mkdir -p "$RUN_DIR"
 rm -f "$RUN_DIR/CANCEL"
+
+# Preemption, trapped before the start is recorded (`launcher cancel --checkpoint` signals once it sees
+# the start). STOP holds this attempt's key: ranks still starting keep it (an earlier attempt's STOP
+# they remove), so a signal that comes before the first step is not lost.
+export FINETUNE_STOP_KEY="$JOB_KEY.${SLURM_RESTART_COUNT:-0}"
+stop_requested=0
+interrupted=0
+request_stop() {
+  stop_requested=1
+  interrupted=1
+  echo "[finetune] SIG$1 received: every rank checkpoints at its next optimizer step"
+  printf '%s\n' "$FINETUNE_STOP_KEY" > "$RUN_DIR/STOP"
+}
+trap 'request_stop USR1' USR1
+trap 'request_stop USR2' USR2
 record start "$SLURM_JOB_NODELIST"
 
 echo "[finetune] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST; run dir: $RUN_DIR"
@@ -85,17 +100,6 @@ if [ -e "$RUN_DIR/DONE" ]; then
   record end already_done
   exit 0
 fi
-
-stop_requested=0
-interrupted=0
-request_stop() {
-  stop_requested=1
-  interrupted=1
-  echo "[finetune] SIG$1 received: every rank checkpoints at its next optimizer step"
-  touch "$RUN_DIR/STOP"
-}
-trap 'request_stop USR1' USR1
-trap 'request_stop USR2' USR2
 
 HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 PORT=$((20000 + SLURM_JOB_ID % 20000))
