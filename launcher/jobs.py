@@ -446,7 +446,7 @@ def cancel(run_dir: Path, with_checkpoint: bool, timeout_s: float = 900, poll_s:
     signal = ((saved_cfg or {}).get("slurm") or {}).get("signal") or "USR2"  # the run's preemption signal
     before = checkpoint_info(run_dir)
     t0 = time.monotonic()
-    # The batch script records its start before it traps signals; wait for it (a start within ~1 s).
+    # The batch script traps the signal, then records its start; wait for that (a start within ~1 s).
     while not [r for r in read_records(run_dir) if str(r["job"]) == job and r.get("event") == "start"
                and int(r.get("restart", 0)) == (state.get("requeues") or 0)]:
         if time.monotonic() - t0 > 120:
@@ -462,6 +462,9 @@ def cancel(run_dir: Path, with_checkpoint: bool, timeout_s: float = 900, poll_s:
         st = job_state(job, read_records(run_dir))
         if _ended(st) or st["state"] not in ("RUNNING", "COMPLETING"):
             break
+        if not layout.stop.exists():  # a batch script rendered before STOP held the attempt's key: its
+            # STOP is cleared by ranks that start after the signal; put it back with this attempt's key
+            execute.write_files({layout.stop: f"{job}.{state.get('requeues') or 0}\n"})
         time.sleep(poll_s)
     # The ranks exit right after the checkpoint and the batch script ends the job without a requeue;
     # give it a minute to do so (and record it), then scancel whatever is left.

@@ -363,7 +363,7 @@ request_stop() {{
   stop_requested=1
   interrupted=1
   echo "[finetune] SIG$1 received: every rank checkpoints at its next optimizer step"
-  printf '%s\\n' "${stop_key_env}" > "$RUN_DIR/{stop}"
+  printf '%s\\n' "${stop_key_env}" > "$RUN_DIR/{stop}.$$" && mv -f "$RUN_DIR/{stop}.$$" "$RUN_DIR/{stop}"
 }}
 trap 'request_stop USR1' USR1
 trap 'request_stop USR2' USR2

@@ -67,7 +67,7 @@ request_stop() {
   stop_requested=1
   interrupted=1
   echo "[finetune] SIG$1 received: every rank checkpoints at its next optimizer step"
-  printf '%s\n' "$FINETUNE_STOP_KEY" > "$RUN_DIR/STOP"
+  printf '%s\n' "$FINETUNE_STOP_KEY" > "$RUN_DIR/STOP.$$" && mv -f "$RUN_DIR/STOP.$$" "$RUN_DIR/STOP"
 }
 trap 'request_stop USR1' USR1
 trap 'request_stop USR2' USR2

@@ -4,6 +4,7 @@ tests/test_faults_dist.py."""
 from __future__ import annotations
 
 import math
+import os
 import re
 import subprocess
 import sys
@@ -147,21 +148,34 @@ def test_tidy_puts_back_a_replaced_checkpoint_and_removes_partial_ones(tmp_path,
 
 
 def test_reports_written_at_once_by_several_ranks_into_one_log_do_not_interleave(tmp_path):
-    """Every rank of a hung step reports at the same moment into the job's one log; each report is
-    one write, so no line of one rank's report is cut by another's (faulthandler's piecewise writes were)."""
+    """Every rank of a hung step reports at the same moment into the job's one log: a regular file
+    (torchrun here) or a pipe (srun). Each report is written whole lines at a time in writes of at most
+    PIPE_BUF bytes, so no rank's line is cut by another's (faulthandler's piecewise writes were), even
+    for reports larger than a pipe's atomic write."""
     script = ("import sys; from trainer.faults import write_report\n"
               "r = int(sys.argv[1])\n"
-              "for i in range(300): write_report(r, '\\n'.join(f'line {j} of report {i} ' + 'x' * 40 for j in range(40)))\n")
-    log = tmp_path / "log"
-    with open(log, "w") as f:
-        procs = [subprocess.Popen([sys.executable, "-c", script, str(r)], cwd=ROOT, stderr=f) for r in range(4)]
-        assert [p.wait(timeout=60) for p in procs] == [0] * 4
-    lines = log.read_text().splitlines()
-    assert len(lines) == 4 * 300 * 40
-    pattern = re.compile(r"\[rank [0-3]\] line \d+ of report \d+ x{40}")
-    assert all(pattern.fullmatch(line) for line in lines), [line for line in lines if not pattern.fullmatch(line)][:3]
-    # and each report's 40 lines are together, in order
-    assert all(lines[i].split(" line ")[0] == lines[i + 39].split(" line ")[0] for i in range(0, len(lines), 40))
+              "for i in range(300): write_report(r, '\\n'.join(f'line {j} of report {i} ' + 'x' * 140 for j in range(40)))\n")
+    pattern = re.compile(r"\[rank [0-3]\] line \d+ of report \d+ x{140}")
+    for kind in ("file", "pipe"):
+        if kind == "file":
+            with open(tmp_path / "log", "w") as f:
+                procs = [subprocess.Popen([sys.executable, "-c", script, str(r)], cwd=ROOT, stderr=f) for r in range(4)]
+                assert [p.wait(timeout=60) for p in procs] == [0] * 4
+            lines = (tmp_path / "log").read_text().splitlines()
+        else:
+            read_end, write_end = os.pipe()
+            procs = [subprocess.Popen([sys.executable, "-c", script, str(r)], cwd=ROOT, stderr=write_end)
+                     for r in range(4)]
+            os.close(write_end)
+            with os.fdopen(read_end, "rb") as pipe:
+                lines = pipe.read().decode().splitlines()
+            assert [p.wait(timeout=60) for p in procs] == [0] * 4
+        assert len(lines) == 4 * 300 * 40 and len(lines[0]) * 40 > 4096, kind  # reports above PIPE_BUF
+        assert all(pattern.fullmatch(line) for line in lines), (kind, [x for x in lines if not pattern.fullmatch(x)][:3])
+        # and each rank's lines of a report come in its order
+        for r in range(4):
+            mine = [x for x in lines if x.startswith(f"[rank {r}] ")]
+            assert mine == [f"[rank {r}] line {j} of report {i} " + "x" * 140 for i in range(300) for j in range(40)]
 
 
 def test_starting_over_sets_each_earlier_attempt_aside_whole_and_keeps_the_runs_own_files(tmp_path):

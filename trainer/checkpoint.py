@@ -285,8 +285,8 @@ def choose(ckpt_dir: Path) -> Optional[str]:
 
         raise ConfigError([f"no checkpoint in {ckpt_dir} can be resumed: every one was found damaged and set aside "
                            f"({', '.join(damaged[0])}; the DAMAGED file in each says why). Nothing was loaded. To "
-                           "start this run over, move those folders out of the run dir or set "
-                           "checkpoint.resume=false"], source=str(ckpt_dir))
+                           "start this run over from step 0, move those folders out of the run dir, or "
+                           "train in a new run_dir"], source=str(ckpt_dir))
     return None
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import select
 import socket
 import sys
 import threading
@@ -30,22 +31,32 @@ from launcher.errors import EXIT_HUNG, EXIT_NONFINITE
 
 
 def thread_stacks() -> str:
-    """Every thread's Python stack, as a traceback prints it (most recent call last)."""
+    """Every thread's Python stack, most recent call last: file, line and function only, read from
+    the frames. No source line is read: a step hung on a stalled file system must not hang its
+    watchdog in a stat() or read() of the code (traceback's linecache would)."""
     names = {t.ident: t.name for t in threading.enumerate()}
-    return "\n".join(f"Thread {names.get(ident, ident)} (most recent call last):\n" + "".join(traceback.format_stack(frame))
-                     for ident, frame in sys._current_frames().items())
+    out = []
+    for ident, frame in sys._current_frames().items():
+        calls = [f'  File "{f.f_code.co_filename}", line {line}, in {f.f_code.co_name}'
+                 for f, line in traceback.walk_stack(frame)]
+        out.append(f"Thread {names.get(ident, ident)} (most recent call last):\n" + "\n".join(reversed(calls)))
+    return "\n".join(out)
 
 
 def write_report(rank: int, text: str) -> None:
-    """``text`` on stderr with every line led by ``[rank R]``, in one write(2): the ranks of a hung step
+    """``text`` on stderr with every line led by ``[rank R]``, written whole lines at a time in writes
+    of at most PIPE_BUF bytes (atomic on a pipe, as srun gives, and on a file): the ranks of a hung step
     report at the same moment into one log, and a report written piece by piece (as faulthandler
-    writes) interleaves with the others' mid-line."""
+    writes) would be cut mid-line by the others'."""
     sys.stderr.flush()
-    data = "".join(f"[rank {rank}] {line}\n" for line in text.splitlines()).encode("utf-8", "replace")
-    while data:
-        data = data[os.write(2, data):]
-
-
+    lines = [f"[rank {rank}] {line}\n".encode("utf-8", "replace")[:select.PIPE_BUF] for line in text.splitlines()]
+    chunk = b""
+    for line in lines + [None]:
+        if line is None or len(chunk) + len(line) > select.PIPE_BUF:
+            while chunk:
+                chunk = chunk[os.write(2, chunk):]
+        if line is not None:
+            chunk += line
 def exit_code(status: str) -> int:
     """A finished run's exit code from train()'s status: done, already done or preempted (checkpointed
     to resume) 0; stopped on non-finite steps 3; anything else 1."""
@@ -177,6 +188,8 @@ class Watchdog:
                    "collective for a rank that is: the Python stacks below say which (a waiting rank sits in a "
                    "collective such as all_reduce). Ending the process "
                    f"(exit {EXIT_HUNG}) so that the job fails now instead of hanging until its time limit.")
-        write_report(self.rank, message + "\n" + thread_stacks())
-        time.sleep(self.grace_s)
-        self._exit(EXIT_HUNG)
+        try:
+            write_report(self.rank, message + "\n" + thread_stacks())
+            time.sleep(self.grace_s)
+        finally:  # whatever the report met, the process ends
+            self._exit(EXIT_HUNG)

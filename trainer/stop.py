@@ -20,16 +20,25 @@ from trainer.dist import any_rank
 
 
 def clear_stale(stop_file: Path, environ: Mapping[str, str] = os.environ) -> bool:
-    """Rank 0 at start: remove an earlier attempt's STOP; keep (and return True for) one that this
-    attempt's batch script wrote."""
+    """Rank 0 at start: remove an earlier attempt's STOP; keep one that this attempt's batch script
+    wrote. Returns whether a STOP stands (a stop was asked for while the ranks were starting). The STOP
+    found is first renamed aside, atomically, and judged there: a STOP the trap writes meanwhile (by
+    rename too, never half-written) is a new file, and stays."""
     key = environ.get(STOP_KEY_ENV)
+    seen = stop_file.with_name(stop_file.name + ".seen")
     try:
-        live = bool(key) and stop_file.read_text().strip() == key
+        os.replace(stop_file, seen)
+    except FileNotFoundError:
+        return False
+    try:
+        live = bool(key) and seen.read_text().strip() == key
     except (OSError, UnicodeDecodeError):
         live = False
-    if not live:
-        stop_file.unlink(missing_ok=True)
-    return live
+    if live:
+        os.replace(seen, stop_file)
+    else:
+        seen.unlink(missing_ok=True)
+    return stop_file.exists()
 
 
 class Stopper:
