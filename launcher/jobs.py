@@ -464,7 +464,7 @@ def cancel(run_dir: Path, with_checkpoint: bool, timeout_s: float = 900, poll_s:
             break
         if not layout.stop.exists():  # a batch script rendered before STOP held the attempt's key: its
             # STOP is cleared by ranks that start after the signal; put it back with this attempt's key
-            execute.write_files({layout.stop: f"{job}.{state.get('requeues') or 0}\n"})
+            execute.write_files({layout.stop: rundir.stop_key(job, state.get("requeues") or 0) + "\n"})
         time.sleep(poll_s)
     # The ranks exit right after the checkpoint and the batch script ends the job without a requeue;
     # give it a minute to do so (and record it), then scancel whatever is left.

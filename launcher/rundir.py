@@ -85,6 +85,11 @@ COMPARE_TB = "tb_compare"
 GENERATED_KEY = "_generated_by"
 
 
+def stop_key(job: str, restart: int) -> str:
+    """What the batch script (launcher/slurm.py: "$JOB_KEY.${SLURM_RESTART_COUNT:-0}") writes into STOP."""
+    return f"{job}.{restart}"
+
+
 @dataclass(frozen=True)
 class RunDir:
     """Paths inside one run directory."""

@@ -49,14 +49,21 @@ def write_report(rank: int, text: str) -> None:
     report at the same moment into one log, and a report written piece by piece (as faulthandler
     writes) would be cut mid-line by the others'."""
     sys.stderr.flush()
-    lines = [f"[rank {rank}] {line}\n".encode("utf-8", "replace")[:select.PIPE_BUF] for line in text.splitlines()]
     chunk = b""
-    for line in lines + [None]:
-        if line is None or len(chunk) + len(line) > select.PIPE_BUF:
-            while chunk:
-                chunk = chunk[os.write(2, chunk):]
-        if line is not None:
-            chunk += line
+    for line in text.splitlines():
+        data = f"[rank {rank}] {line}\n".encode("utf-8", "replace")[:select.PIPE_BUF]
+        if len(chunk) + len(data) > select.PIPE_BUF:
+            _write_all(chunk)
+            chunk = b""
+        chunk += data
+    _write_all(chunk)
+
+
+def _write_all(data: bytes) -> None:
+    while data:
+        data = data[os.write(2, data):]
+
+
 def exit_code(status: str) -> int:
     """A finished run's exit code from train()'s status: done, already done or preempted (checkpointed
     to resume) 0; stopped on non-finite steps 3; anything else 1."""

@@ -1,10 +1,9 @@
 """A run started over (``checkpoint.resume: false``) in a run dir an earlier attempt of it wrote.
 
 The earlier attempt's outputs are moved, whole, into ``RUN_DIR/previous-N/`` (N = 1, 2, ...: the
-first free one): nothing is deleted, and nothing of the two attempts is mixed. Mixed, they would
-mislead: a later resume takes the newest complete checkpoint, which would be the earlier attempt's
-whenever it got further; metrics.jsonl, TensorBoard and ``launcher status`` would show two attempts'
-steps as one curve; the final evaluation could reload an earlier attempt's best checkpoint."""
+first free one): nothing is deleted, and nothing of the two attempts is mixed. Mixed, metrics.jsonl,
+TensorBoard and ``launcher status`` would show two attempts' steps as one curve, and the earlier
+attempt's later checkpoints would stay among the new ones, outside keep_last."""
 from __future__ import annotations
 
 import os
